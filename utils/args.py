@@ -1,0 +1,173 @@
+"""Command-line flags shared by both stages (the diffusers DreamBooth-LoRA-SD3 interface) and their checks.
+
+Every check here runs before any model is loaded and before anything is written, and raises one
+``ArgumentError``-style message naming the flag and what to do."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+class BadInput(ValueError):
+    """A user input problem, reported before any work starts."""
+
+
+def str2bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {text!r}")
+
+
+def add_model_args(p):
+    p.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="Local SD3 / SD3.5 diffusers folder (or hub id, if your machine can reach the hub).")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None, help="Weight variant, e.g. fp16.")
+
+
+def add_data_args(p):
+    p.add_argument("--data_path", default=None, help="Folder holding the concept CSV(s); relative image paths "
+                   "resolve against it first, then against the working directory.")
+    p.add_argument("--csv_name", default=None, help="Concept CSV under --data_path (method.md section 1).")
+    p.add_argument("--class_data_dir", default=None)
+    p.add_argument("--class_prompt", default=None)
+    p.add_argument("--with_prior_preservation", action="store_true")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0)
+    p.add_argument("--num_class_images", type=int, default=100,
+                   help="Class images wanted in --class_data_dir; missing ones are generated with the base model.")
+    p.add_argument("--sample_batch_size", type=int, default=4, help="Batch size when generating class images.")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--random_flip", action="store_true")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--max_sequence_length", type=int, default=77, help="T5 tokens.")
+    p.add_argument("--cache_latents", action="store_true")
+    p.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_lora_args(p):
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--lora_dropout", type=float, default=0.0)
+    p.add_argument("--lora_layers", default=None,
+                   help='Comma-separated module names, e.g. "attn.to_k,attn.to_q" (default: all attention projections).')
+    p.add_argument("--lora_blocks", default=None, help='Comma-separated transformer block indices, e.g. "0,12".')
+
+
+def add_optim_args(p, learning_rate: float):
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--num_train_epochs", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
+    p.add_argument("--scale_lr", action="store_true")
+    p.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--lr_num_cycles", type=int, default=1)
+    p.add_argument("--lr_power", type=float, default=1.0)
+    p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
+    p.add_argument("--adam_8bit_min_size", type=int, default=1,
+                   help="Tensors smaller than this keep fp32 Adam state. bitsandbytes defaults to 4096, which would "
+                        "keep every tensor of a small LoRA in fp32 and make --use_8bit_adam a no-op.")
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--allow_tf32", action="store_true")
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+
+
+def add_flow_matching_args(p, precondition_default: int):
+    p.add_argument("--weighting_scheme", default="logit_normal",
+                   choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"])
+    p.add_argument("--logit_mean", type=float, default=0.0)
+    p.add_argument("--logit_std", type=float, default=1.0)
+    p.add_argument("--mode_scale", type=float, default=1.29)
+    p.add_argument("--precondition_outputs", type=int, default=precondition_default, choices=[0, 1],
+                   help="1: EDM-style x0 prediction and target (method.md section 3).")
+
+
+def add_run_args(p, output_dir_default: str):
+    p.add_argument("--output_dir", default=output_dir_default)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder name or "latest".')
+    p.add_argument("--validation_prompt", default=None)
+    p.add_argument("--num_validation_images", type=int, default=2)
+    p.add_argument("--validation_epochs", type=int, default=50)
+    p.add_argument("--validation_steps", type=int, default=20, help="Inference steps of validation images.")
+    p.add_argument("--report_to", default="tensorboard", help='"tensorboard" or "none".')
+    p.add_argument("--logging_dir", default="logs")
+
+
+def add_shared_args(p, *, learning_rate: float, precondition_default: int, output_dir_default: str):
+    add_model_args(p)
+    add_data_args(p)
+    add_lora_args(p)
+    add_optim_args(p, learning_rate)
+    add_flow_matching_args(p, precondition_default)
+    add_run_args(p, output_dir_default)
+
+
+def _require(condition: bool, message: str):
+    if not condition:
+        raise BadInput(message)
+
+
+def check_model_folder(path: str) -> None:
+    """A local folder must look like a diffusers SD3 pipeline; anything else is left to from_pretrained (hub id)."""
+    local = Path(path)
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if not looks_local:
+        return
+    _require(local.is_dir(), f"--pretrained_model_name_or_path {path}: no such folder. Point it at a local "
+             "SD3/SD3.5 diffusers folder (see README: download) or build the tiny one: python -m utils.tiny_sd3 DIR")
+    missing = [name for name in ("model_index.json", "transformer", "vae", "scheduler") if not (local / name).exists()]
+    _require(not missing, f"--pretrained_model_name_or_path {path} is not a diffusers SD3 folder: missing "
+             f"{', '.join(missing)}.")
+
+
+def check_shared_args(args) -> None:
+    """Flag combinations and values that are wrong whatever the data."""
+    check_model_folder(args.pretrained_model_name_or_path)
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "rank", "repeats",
+                 "checkpointing_steps", "num_train_epochs", "max_sequence_length"):
+        _require(getattr(args, flag) > 0, f"--{flag} must be positive, got {getattr(args, flag)}.")
+    _require(args.max_train_steps is None or args.max_train_steps > 0,
+             f"--max_train_steps must be positive, got {args.max_train_steps}.")
+    _require(args.learning_rate > 0, f"--learning_rate must be positive, got {args.learning_rate}.")
+    _require(0.0 <= args.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    _require(args.checkpoints_total_limit is None or args.checkpoints_total_limit > 0,
+             f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
+    if args.lora_blocks:
+        try:
+            [int(b) for b in args.lora_blocks.split(",") if b.strip()]
+        except ValueError:
+            raise BadInput(f'--lora_blocks {args.lora_blocks!r}: expected comma-separated integers such as "0,1".')
+    _require(args.max_sequence_length <= 512, f"--max_sequence_length must be <= 512 (T5), got {args.max_sequence_length}.")
+    if args.with_prior_preservation:
+        _require(args.class_data_dir is not None, "--with_prior_preservation needs --class_data_dir.")
+        _require(args.class_prompt is not None, "--with_prior_preservation needs --class_prompt.")
+    _require(args.report_to in ("tensorboard", "none"), f'--report_to must be "tensorboard" or "none", got {args.report_to}.')
+    if (args.data_path is None) != (args.csv_name is None):
+        raise BadInput("--data_path and --csv_name go together: give both (the CSV is <data_path>/<csv_name>).")
+    out = Path(args.output_dir)
+    _require(not out.exists() or out.is_dir(), f"--output_dir {out} exists and is not a folder.")
+    _require(os.access(_first_existing_parent(out), os.W_OK), f"--output_dir {out} is not writable.")
+
+
+def _first_existing_parent(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return path

@@ -1,0 +1,198 @@
+"""LoRA setup and I/O: the one place that decides target modules, adds/activates named adapters and reads and
+writes both on-disk formats (method.md section 6).
+
+Formats (the two do not interoperate by themselves, see pitfalls.md):
+- diffusers: ``pytorch_lora_weights.safetensors``, keys ``transformer.<module>.lora_A.weight`` (and
+  ``text_encoder.`` / ``text_encoder_2.`` when CLIP LoRAs are trained), the LoraConfig packed into the safetensors
+  metadata so alpha survives; loads with ``StableDiffusion3Pipeline.load_lora_weights(dir)``.
+- PEFT: ``adapter_config.json`` + ``adapter_model.safetensors``, keys ``base_model.model.<module>.lora_A.weight``;
+  loads with ``PeftModel.from_pretrained(pipe.transformer, dir)`` (the authors' inference snippet). Transformer only.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHT_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+METADATA_KEY = "lora_adapter_metadata"  # the key diffusers reads LoRA configs from
+
+# The diffusers DreamBooth-LoRA-SD3 defaults: the joint-attention projections of every MM-DiT block.
+DEFAULT_TRANSFORMER_TARGETS = (
+    "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
+)
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def parse_csv_list(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def transformer_target_modules(lora_layers: str | None, lora_blocks: str | None) -> list[str]:
+    """--lora_layers narrows the module names, --lora_blocks the transformer blocks (diffusers' convention)."""
+    layers = parse_csv_list(lora_layers) or list(DEFAULT_TRANSFORMER_TARGETS)
+    blocks = parse_csv_list(lora_blocks)
+    if not blocks:
+        return layers
+    return [f"transformer_blocks.{int(block)}.{layer}" for block in blocks for layer in layers]
+
+
+def make_lora_config(rank: int, target_modules, dropout: float = 0.0) -> LoraConfig:
+    # lora_alpha = rank (scale 1.0) and gaussian init: the diffusers SD3 recipe.
+    return LoraConfig(r=rank, lora_alpha=rank, lora_dropout=dropout, init_lora_weights="gaussian",
+                      target_modules=list(target_modules))
+
+
+def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Add a new adapter to a diffusers/transformers model that supports ``add_adapter``."""
+    model.add_adapter(config, adapter_name=adapter_name)
+
+
+def add_trainable_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str, seed: int) -> None:
+    """Add a fresh LoRA with a seeded gaussian init: both stages start from the same weights for the same seed,
+    whatever else consumed the global RNG before (an extractor adapter, a data check)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    add_lora(model, config, adapter_name)
+    torch.random.set_rng_state(state)
+
+
+def tuner_layers(model: torch.nn.Module):
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def activate_adapter(model: torch.nn.Module, adapter_name: str, trainable: bool) -> None:
+    """Make ``adapter_name`` the only active adapter of every LoRA layer.
+
+    peft's set_adapter marks the activated adapter trainable unless ``inference_mode``; the others frozen. So
+    activating the frozen extractor passes ``trainable=False`` and the trainable adapter is re-activated (and
+    thereby re-marked trainable) *before* backward: switching after the forward pass silently zeroes its
+    gradients (pitfalls.md)."""
+    for layer in tuner_layers(model):
+        layer.set_adapter(adapter_name, inference_mode=not trainable)
+
+
+class adapters_disabled:
+    """Context manager: every adapter off, i.e. the frozen base model (one shared copy of its weights)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.layers = tuner_layers(model)
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.enable_adapters(True)
+        return False
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """LoRA tensors of one adapter, keyed by module path (no adapter name), contiguous fp32 CPU copies."""
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+
+
+def _config_dict(config: LoraConfig) -> dict:
+    out = config.to_dict()
+    # sets do not serialise; keep a deterministic order so files are byte-stable.
+    for key, value in list(out.items()):
+        if isinstance(value, set):
+            out[key] = sorted(value)
+    return out
+
+
+def save_lora_both_formats(out_dir, transformer_state: dict, config: LoraConfig,
+                           text_encoder_states: dict | None = None, base_model_name_or_path: str | None = None) -> None:
+    """Write the same tensors as a diffusers LoRA file and as a PEFT adapter folder."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_dict = _config_dict(config)
+
+    # diffusers format: prefixed keys, LoraConfig per component in the metadata so alpha survives the load.
+    tensors = {f"transformer.{key}": value for key, value in transformer_state.items()}
+    metadata = {f"transformer.{key}": value for key, value in config_dict.items()}
+    for component, (state, te_config) in (text_encoder_states or {}).items():
+        tensors.update({f"{component}.{key}": value for key, value in state.items()})
+        metadata.update({f"{component}.{key}": value for key, value in _config_dict(te_config).items()})
+    save_file(tensors, str(out_dir / DIFFUSERS_WEIGHT_NAME),
+              metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+
+    # PEFT format (transformer only: PeftModel wraps one model).
+    save_file({f"base_model.model.{key}": value for key, value in transformer_state.items()},
+              str(out_dir / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    peft_config = dict(config_dict, base_model_name_or_path=base_model_name_or_path, inference_mode=True)
+    (out_dir / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+
+
+def lora_format(lora_dir) -> str | None:
+    """'diffusers', 'peft' or None: which of our formats a folder holds (diffusers wins if both)."""
+    lora_dir = Path(lora_dir)
+    if (lora_dir / DIFFUSERS_WEIGHT_NAME).is_file():
+        return "diffusers"
+    if (lora_dir / PEFT_WEIGHT_NAME).is_file() and (lora_dir / PEFT_CONFIG_NAME).is_file():
+        return "peft"
+    return None
+
+
+def read_transformer_lora(lora_dir) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The transformer LoRA of a folder in either format, as (state dict keyed by module path, LoraConfig)."""
+    lora_dir = Path(lora_dir)
+    fmt = lora_format(lora_dir)
+    if fmt == "diffusers":
+        path = lora_dir / DIFFUSERS_WEIGHT_NAME
+        with safe_open(str(path), framework="pt") as handle:
+            packed = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
+        state = {key[len("transformer."):]: value for key, value in load_file(str(path)).items()
+                 if key.startswith("transformer.")}
+        config_dict = {key[len("transformer."):]: value for key, value in packed.items()
+                       if key.startswith("transformer.")}
+        if not config_dict:
+            raise ValueError(f"{path} has no LoRA config in its metadata, so its alpha is unknown: save it with "
+                             "transformer_lora_adapter_metadata (our scripts do) or use the PEFT format folder.")
+    elif fmt == "peft":
+        state = {key[len("base_model.model."):]: value
+                 for key, value in load_file(str(lora_dir / PEFT_WEIGHT_NAME)).items()}
+        config_dict = json.loads((lora_dir / PEFT_CONFIG_NAME).read_text())
+    else:
+        raise FileNotFoundError(
+            f"{lora_dir} holds no LoRA: expected {DIFFUSERS_WEIGHT_NAME} (diffusers format) or "
+            f"{PEFT_CONFIG_NAME} + {PEFT_WEIGHT_NAME} (PEFT format).")
+    if not state:
+        raise ValueError(f"{lora_dir} holds no transformer LoRA tensors.")
+    return state, lora_config_from_dict(config_dict)
+
+
+def lora_config_from_dict(config_dict: dict) -> LoraConfig:
+    known = set(LoraConfig.__dataclass_fields__)
+    kwargs = {key: value for key, value in config_dict.items() if key in known}
+    for key in ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"):
+        kwargs.pop(key, None)
+    return LoraConfig(**kwargs)
+
+
+def load_lora_as_adapter(model: torch.nn.Module, lora_dir, adapter_name: str, trainable: bool = False) -> LoraConfig:
+    """Add the LoRA of ``lora_dir`` (either format) to ``model`` as a named adapter; frozen unless ``trainable``.
+
+    An adapter added this way starts trainable (pitfalls.md): freeze it explicitly."""
+    state, config = read_transformer_lora(lora_dir)
+    add_lora(model, config, adapter_name)
+    result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+    unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora" in key]
+    if unexpected:
+        raise ValueError(f"LoRA in {lora_dir} does not fit this model: unexpected keys such as {unexpected[:3]}")
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(trainable)
+    return config

@@ -1,0 +1,195 @@
+"""Stage 2 (train_stage2_v2_sd3.py): the authors' command, the extractor, eta 0 == stage 1, frozen weights, one
+transformer, lambda logging, the frozen original branch and the missing-extractor error.
+
+Most runs call ``main(argv)`` in-process (the same code ``accelerate launch`` runs, minus ~5 s of imports per
+process); the authors' command itself goes through ``accelerate launch --cpu`` as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from launch import REPO_ROOT, launch, run_python
+
+import train_stage1_sd3 as stage1
+import train_stage2_v2_sd3 as stage2
+from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, read_transformer_lora
+
+TINY = ["--resolution", "64", "--report_to", "none", "--rank", "4"]
+
+
+def same_prompt_csv(folder: Path) -> Path:
+    """The example concept with target_prompt == prompt, absolute image paths: stage 1 (which trains on
+    target_prompt) and stage 2 (prompt) then see exactly the same captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(open(REPO_ROOT / "data" / "robot_toy.csv")))
+    with open(folder / "same.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(dict(row, target_prompt=row["prompt"], image_path=str(REPO_ROOT / "data" / row["image_path"])))
+    return folder / "same.csv"
+
+
+def lora_tensors(folder) -> dict[str, torch.Tensor]:
+    return read_transformer_lora(folder)[0]
+
+
+def run_stage1(model, out_dir, seed: int, steps: int = 3, lr: str = "1e-2"):
+    return stage1.main(["--pretrained_model_name_or_path", str(model), "--data_path", str(REPO_ROOT / "data"),
+                        "--csv_name", "robot_toy.csv", "--output_dir", str(out_dir), "--max_train_steps", str(steps),
+                        "--learning_rate", lr, "--seed", str(seed), *TINY])
+
+
+def run_stage2(model, out_root, *extra, steps: int = 2):
+    return stage2.main(["--pretrained_model_name_or_path", str(model), "--data_path", str(REPO_ROOT / "data"),
+                        "--csv_name", "robot_toy.csv", "--output_dir", str(out_root), "--max_train_steps", str(steps),
+                        "--learning_rate", "1e-3", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def extractors(tiny_sd35_path, tmp_path_factory):
+    """Two different stage-1 LoRAs (different seeds) of the example concept."""
+    root = tmp_path_factory.mktemp("extractors")
+    run_stage1(tiny_sd35_path, root / "a", seed=0)
+    run_stage1(tiny_sd35_path, root / "b", seed=1)
+    return root / "a", root / "b"
+
+
+def test_authors_stage2_command_writes_both_formats_and_logs(tiny_sd35_path, extractors, tmp_path):
+    out = tmp_path / "output"
+    shutil.copytree(extractors[0], out / "base_ckpt" / "robot_toy")  # where stage 1 puts it by default
+    # purecc_readme.txt's stage-2 command, only paths, steps and (tiny model) resolution changed.
+    launch("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", "data",
+           "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "4", "--learning_rate", "1e-4",
+           "--rank", "4", "--eta", "2.0", "--mixed_precision", "bf16", "--resolution", "64")
+    concept = out / "robot_toy"
+    for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME, "README.md"):
+        assert (concept / name).is_file(), name
+    card = (concept / "README.md").read_text()
+    assert "| eta | 2.0 |" in card and "| lambda_mode | adaptive |" in card
+    assert str(out / "base_ckpt" / "robot_toy") in card
+    diffusers_keys = set(lora_tensors(concept))
+    assert diffusers_keys and all("lora" in key for key in diffusers_keys)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((concept / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"loss", "diff_loss", "pri_loss", "lambda", "lr"} <= scalars
+    assert [e.step for e in events.Scalars("lambda")] == [1, 2, 3, 4]
+
+
+def test_extractor_lora_matters_and_base_mode_ignores_it(tiny_sd35_path, extractors, tmp_path):
+    def trained(extractor, mode):
+        out = tmp_path / f"{extractor.name}-{mode}"
+        run_stage2(tiny_sd35_path, out, "--extractor_lora", str(extractor), "--extractor_mode", mode,
+                   "--lambda_mode", "fixed")
+        return lora_tensors(out / "robot_toy")
+
+    with_a, with_b = trained(extractors[0], "lora"), trained(extractors[1], "lora")
+    assert any(not torch.equal(with_a[k], with_b[k]) for k in with_a), "the stage-1 LoRA had no effect"
+    base_a, base_b = trained(extractors[0], "base"), trained(extractors[1], "base")
+    assert all(torch.equal(base_a[k], base_b[k]) for k in base_a), "--extractor_mode base still used the LoRA"
+    assert any(not torch.equal(with_a[k], base_a[k]) for k in with_a)
+
+
+def test_eta_zero_is_stage1_flow_matching(tiny_sd35_path, tmp_path):
+    csv_path = same_prompt_csv(tmp_path / "data")
+    flags = ["--pretrained_model_name_or_path", str(tiny_sd35_path), "--data_path", str(csv_path.parent),
+             "--csv_name", csv_path.name, "--max_train_steps", "6", "--learning_rate", "1e-3", "--seed", "3",
+             "--precondition_outputs", "0", "--random_flip", *TINY]
+    first = stage1.main(flags + ["--output_dir", str(tmp_path / "s1")])
+    second = stage2.main(flags + ["--output_dir", str(tmp_path / "s2"), "--eta", "0", "--extractor_mode", "base"])
+    assert [h["loss"] for h in first.history] == pytest.approx([h["diff_loss"] for h in second.history], rel=1e-5)
+    a, b = lora_tensors(tmp_path / "s1"), lora_tensors(tmp_path / "s2" / "same")
+    assert a.keys() == b.keys()
+    # Stage 2 runs [prompt; base_prompt] as one batch of 2 where stage 1 runs a batch of 1: the same maths,
+    # but CPU kernels may block a batch-2 matmul differently and round the last bits (float32 eps 1.2e-7 of
+    # values ~1). After 6 Adam steps of lr 1e-3 the LoRAs must agree far inside one step's size.
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst
+
+
+def test_frozen_weights_stay_bitwise_and_only_new_adapter_trains(tiny_sd35_path, extractors, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    result = run_stage2(tiny_sd35_path, tmp_path, "--extractor_lora", str(extractors[0]))
+    transformer = result.transformer
+    trainable = [name for name, p in transformer.named_parameters() if p.requires_grad]
+    assert trainable and all(f".{stage2.TRAINABLE}." in name for name in trainable)
+
+    fresh = SD3Transformer2DModel.from_pretrained(tiny_sd35_path, subfolder="transformer").state_dict()
+    params = transformer.state_dict()
+    for name, value in fresh.items():  # base weights live at <module>.base_layer.weight once LoRA wraps them
+        key = name if name in params else name.replace(".weight", ".base_layer.weight").replace(
+            ".bias", ".base_layer.bias")
+        assert key in params, name
+        assert torch.equal(params[key].detach(), value), name
+
+    saved = lora_tensors(extractors[0])
+    for key, value in saved.items():
+        live = params[key.replace(".weight", f".{stage2.EXTRACTOR}.weight")]
+        assert torch.equal(live.detach(), value), key
+    new = lora_tensors(tmp_path / "robot_toy")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in new.items()), "new LoRA never moved"
+
+
+def test_one_transformer_in_the_process(tiny_sd35_path, extractors, tmp_path, monkeypatch):
+    from diffusers import SD3Transformer2DModel
+
+    created = []
+    original_init = SD3Transformer2DModel.__init__
+
+    @functools.wraps(original_init)  # diffusers reads the config keys off __init__'s signature
+    def counting_init(self, *args, **kwargs):
+        created.append(self)
+        original_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(SD3Transformer2DModel, "__init__", counting_init)
+    run_stage2(tiny_sd35_path, tmp_path, "--extractor_lora", str(extractors[0]), "--original_branch", "frozen",
+               steps=1)
+    assert len(created) == 1
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "fixed"])
+def test_lambda_logged(tiny_sd35_path, extractors, tmp_path, mode):
+    extra = ["--lambda_mode", mode, "--fix_lambda", "0.7", "--lambda_min", "0.01", "--lambda_max", "0.2"]
+    history = run_stage2(tiny_sd35_path, tmp_path, "--extractor_lora", str(extractors[0]), *extra, steps=3).history
+    lambdas = [h["lambda"] for h in history]
+    assert len(lambdas) == 3
+    if mode == "fixed":
+        assert lambdas == [pytest.approx(0.7, abs=1e-7)] * 3
+    else:
+        assert all(0.01 - 1e-7 <= lam <= 0.2 + 1e-7 for lam in lambdas), lambdas
+    assert all(h["loss"] == pytest.approx(h["diff_loss"] + 2.0 * h["pri_loss"], rel=1e-5) for h in history)
+
+
+@pytest.mark.parametrize("branch", ["trainable", "frozen"])
+def test_original_branch_gradient(tiny_sd35_path, extractors, tmp_path, monkeypatch, branch):
+    """Eq. 9's v_base carries gradient from the trainable branch; the supplement's frozen branch carries none."""
+    seen = []
+    real_loss = stage2.purecc_loss
+
+    def spy(v, v_base, e_cond, e_uncond, *args, **kwargs):
+        seen.append((v.requires_grad, v_base.requires_grad, e_cond.requires_grad, e_uncond.requires_grad))
+        return real_loss(v, v_base, e_cond, e_uncond, *args, **kwargs)
+
+    monkeypatch.setattr(stage2, "purecc_loss", spy)
+    run_stage2(tiny_sd35_path, tmp_path, "--extractor_lora", str(extractors[0]), "--original_branch", branch, steps=1)
+    assert seen == [(True, branch == "trainable", False, False)]
+
+
+def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, tmp_path):
+    out = tmp_path / "output"
+    result = run_python("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path",
+                        "data", "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "2")
+    assert result.returncode == 2
+    assert str(out / "base_ckpt" / "robot_toy") in result.stderr
+    assert "train_stage1_sd3.py" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -30,7 +30,7 @@ ADAPTER = "default"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_args(parser, learning_rate=1e-4, precondition_default=1, output_dir_default="output/base_ckpt")
     parser.add_argument("--instance_data_dir", default=None, help="Folder of concept images (3-6 photos).")
     parser.add_argument("--instance_prompt", default=None, help='e.g. "a photo of sks robot toy".')

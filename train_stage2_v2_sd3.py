@@ -37,7 +37,7 @@ TRAINABLE, EXTRACTOR = "purecc", "extractor"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_shared_args(parser, learning_rate=1e-4, precondition_default=0, output_dir_default="./output")
     parser.set_defaults(max_train_steps=800)
     parser.add_argument("--eta", type=float, default=2.0, help="Weight of the PureCC loss (paper best: 1.0).")

@@ -68,7 +68,9 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __init__(self, instance: ConceptDataset, klass: ConceptDataset):
         self.instance, self.klass = instance, klass
-        self.items = instance.items  # latent caching is for the instance images
+        # latent caching is for the instance images
+        self.items, self.resolution = instance.items, instance.resolution
+        self.center_crop, self.random_flip = instance.center_crop, instance.random_flip
 
     def __len__(self):
         return max(len(self.instance), len(self.klass))

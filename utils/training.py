@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
+from .data import load_image
 from .checkpoint import checkpoint_step, save_checkpoint
 from .flow_matching import encode_latents, latents_from_distribution
 
@@ -127,15 +128,21 @@ def step_generator(seed: int, micro_step: int, process_index: int) -> torch.Gene
 # ------------------------------------------------------------------------------------------ latents
 class LatentCache:
     """VAE posterior parameters per *image* (``image_index``), never per step: a shuffled loader must pair each
-    caption with its own image's latent. Sampled afresh each step from the cached distribution."""
+    caption with its own image's latent. Sampled afresh each step from the cached distribution.
+
+    Each image is encoded once in its canonical view (centre crop, no flip): augmentation cannot apply to a
+    latent computed once, so we say so instead of silently freezing one random view."""
 
     def __init__(self, vae, dataset, device):
+        if dataset.random_flip or not dataset.center_crop:
+            logger.warning("--cache_latents: each image is encoded once, centre-cropped and unflipped; "
+                           "--random_flip and random crops do not apply to cached latents.")
         self.vae_config = vae.config
         self.params = {}
         with torch.no_grad():
-            for index in range(len(dataset.items)):
-                pixels = dataset[index]["pixel_values"].unsqueeze(0).to(device, vae.dtype)
-                self.params[index] = vae.encode(pixels).latent_dist.parameters.cpu()
+            for index, item in enumerate(dataset.items):
+                pixels = load_image(item["image_path"], dataset.resolution, center_crop=True, flip=False, rng=None)
+                self.params[index] = vae.encode(pixels.unsqueeze(0).to(device, vae.dtype)).latent_dist.parameters.cpu()
 
     def sample(self, image_indices, generator: torch.Generator, device) -> torch.Tensor:
         params = torch.cat([self.params[int(i)] for i in image_indices])

@@ -107,6 +107,7 @@ def main(argv=None):
     check_model_geometry(args)
     args.output_root, concept = args.output_dir, Path(args.csv_name).stem
     args.output_dir = str(Path(args.output_root) / concept)  # as the authors' script: <output_dir>/<csv stem>/
+    resume_dir = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # a bad name fails before loading
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
@@ -148,7 +149,7 @@ def main(argv=None):
     transformer_ddp, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                                lr_scheduler)
     register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
-    start_step = resume_if_asked(accelerator, resolve_resume(args.output_dir, args.resume_from_checkpoint))
+    start_step = resume_if_asked(accelerator, resume_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("purecc-stage2", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})

@@ -70,6 +70,7 @@ def main(argv=None):
     args = parse_args(argv)
     items = read_inputs(args)
     check_model_geometry(args)
+    resume_dir = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # a bad name fails before loading
     accelerator = make_accelerator(args)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
@@ -122,7 +123,7 @@ def main(argv=None):
     *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*prepared, optimizer, dataloader, lr_scheduler)
     transformer_ddp = prepared[0]
     register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
-    start_step = resume_if_asked(accelerator, resolve_resume(args.output_dir, args.resume_from_checkpoint))
+    start_step = resume_if_asked(accelerator, resume_dir)
     if accelerator.is_main_process:
         accelerator.init_trackers("purecc-stage1", config={k: v for k, v in vars(args).items()
                                                              if isinstance(v, (int, float, str, bool))})

@@ -54,7 +54,19 @@ def make_lora_config(rank: int, target_modules, dropout: float = 0.0) -> LoraCon
 
 
 def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
-    """Add a new adapter to a diffusers/transformers model that supports ``add_adapter``."""
+    """Add a new adapter to a diffusers model (``add_adapter``) or a transformers model (the CLIP encoders).
+
+    transformers 5.24's ``add_adapter`` refuses peft < 0.22 (we pin 0.21.2), so a transformers model gets the
+    same LoRA layers from peft's ``inject_adapter_in_model`` directly (it also sets ``model.peft_config``)."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        from peft import inject_adapter_in_model
+
+        if adapter_name in getattr(model, "peft_config", {}):
+            raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+        inject_adapter_in_model(config, model, adapter_name)
+        return
     model.add_adapter(config, adapter_name=adapter_name)
 
 

@@ -13,10 +13,12 @@ want=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing requirements.txt into .venv"
   # Some machines' pip config names local index folders that do not exist: drop only those warnings.
-  set +o pipefail
+  set +e +o pipefail
   .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory"
-  set -o pipefail
+  pip_status=${PIPESTATUS[0]}
+  set -e -o pipefail
+  [ "$pip_status" = 0 ] || { echo "[setup] pip install -r requirements.txt failed (exit $pip_status)" >&2; exit 1; }
   .venv/bin/python -c "import torch, diffusers, transformers, peft, accelerate, bitsandbytes, pandas, PIL" \
     || { echo "[setup] install failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"

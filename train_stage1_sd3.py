@@ -15,16 +15,15 @@ from types import SimpleNamespace
 import torch
 
 from utils.args import BadInput, add_shared_args, check_shared_args
-from utils.checkpoint import register_lora_state_hooks, resolve_resume, write_trainable_lora
+from utils.checkpoint import register_lora_state_hooks, resolve_resume
 from utils.data import folder_to_items, list_instance_images, read_concept_csv, rows_to_items
 from utils.flow_matching import flow_matching_loss, loss_weights, noisy_latents, sample_timesteps
+from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input
 from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_target_modules
-from utils.prompts import PromptCache, free_text_encoders, load_text_pipeline, text_encoders
-from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input, make_run_dataset
-from utils.training import (LatentCache, batch_latents, load_diffusion_parts, log_validation, make_accelerator,
-                            make_dataloader, make_lr_scheduler, make_optimizer, pipeline_without_text_encoders,
-                            resolve_schedule, resume_if_asked, train_loop, transformer_velocity, weight_dtype_of,
-                            write_model_card)
+from utils.training import (batch_latents, encode_prompts_once, finish_run, load_diffusion_parts, make_accelerator,
+                            make_lr_scheduler, make_optimizer, make_training_data, make_validator, resume_if_asked,
+                            scaled_learning_rate, start_tracking, train_loop, trainable_to_fp32,
+                            transformer_velocity, weight_dtype_of)
 
 ADAPTER = "default"
 
@@ -75,58 +74,33 @@ def main(argv=None):
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
-    # Text: encode every prompt once, then free the encoders (CLIP stays only if it trains).
-    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
-    text_pipe.to(device)
-    for encoder in text_encoders(text_pipe):
-        encoder.requires_grad_(False)
-    prompts = [item["prompt"] for item in items] + [args.class_prompt or "", args.validation_prompt or ""]
-    prompt_cache = PromptCache(text_pipe, prompts, device, args.max_sequence_length,
-                               keep_clip_trainable=args.train_text_encoder)
-    if args.train_text_encoder:
-        text_pipe.text_encoder_3 = None
-    else:
-        free_text_encoders(text_pipe)
+    # Text: every prompt encoded once, then the encoders freed (CLIP stays only if it trains).
+    prompt_cache, text_pipe = encode_prompts_once(args, device, weight_dtype, [item["prompt"] for item in items],
+                                                  keep_clip_trainable=args.train_text_encoder)
 
-    # Model: frozen base + one trainable LoRA.
+    # Model: frozen base + one trainable LoRA (+ CLIP LoRAs with --train_text_encoder).
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
     lora_config = make_lora_config(args.rank, transformer_target_modules(args.lora_layers, args.lora_blocks),
                                    args.lora_dropout)
     add_trainable_lora(transformer, lora_config, ADAPTER, seed=args.seed)
     lora_parts = {"transformer": (transformer, ADAPTER)}
     if args.train_text_encoder:
-        text_pipe.text_encoder.to(torch.float32)
-        text_pipe.text_encoder_2.to(torch.float32)
         lora_parts.update(add_text_encoder_loras(text_pipe, args))
     config_of = {name: model.peft_config[adapter] for name, (model, adapter) in lora_parts.items()}
-    for model, _ in lora_parts.values():  # LoRA weights train in fp32 whatever --mixed_precision says
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-
-    dataset, collate_fn = make_run_dataset(args, items, class_items)
-    latent_cache = LatentCache(vae, dataset, device) if args.cache_latents else None
-    dataloader = make_dataloader(args, dataset, collate_fn)
-    args.max_train_steps, args.num_train_epochs = resolve_schedule(args, len(dataloader))
-
-    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size *
-                               accelerator.num_processes if args.scale_lr else 1)
-    param_groups = [{"params": [p for p in transformer.parameters() if p.requires_grad], "lr": lr}]
+    param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
     if args.train_text_encoder:
-        param_groups.append({"params": [p for name in ("text_encoder", "text_encoder_2")
-                                        for p in lora_parts[name][0].parameters() if p.requires_grad],
-                             "lr": args.text_encoder_lr})
+        clip_params = trainable_to_fp32(text_pipe.text_encoder, text_pipe.text_encoder_2)
+        param_groups.append({"params": clip_params, "lr": args.text_encoder_lr})
+
+    dataset, dataloader, latent_cache = make_training_data(args, accelerator, items, class_items, vae)
     optimizer = make_optimizer(args, param_groups)
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
-
-    prepared = [transformer] + [lora_parts[n][0] for n in lora_parts if n != "transformer"]
-    *prepared, optimizer, dataloader, lr_scheduler = accelerator.prepare(*prepared, optimizer, dataloader, lr_scheduler)
-    transformer_ddp = prepared[0]
+    models = [model for model, _ in lora_parts.values()]
+    *models, optimizer, dataloader, lr_scheduler = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
+    transformer_ddp = models[0]
     register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
     start_step = resume_if_asked(accelerator, resume_dir)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("purecc-stage1", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
+    start_tracking(accelerator, args, "purecc-stage1")
 
     def compute_loss(batch, generator):
         """Flow matching (method.md section 3) on instance (+ class) images."""
@@ -153,30 +127,16 @@ def main(argv=None):
             logs.update(instance_loss=logs["loss"], prior_loss=prior.item(), loss=loss.item())
         return loss, logs
 
-    def validate(epoch, step):
-        if args.validation_prompt and accelerator.is_main_process and (epoch + 1) % args.validation_epochs == 0:
-            log_validation(accelerator, pipeline_without_text_encoders(transformer, vae, noise_scheduler),
-                           prompt_cache, args, step)
-
+    validate = make_validator(args, accelerator, transformer, vae, noise_scheduler, prompt_cache)
     params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
     step, history = train_loop(args, accelerator, transformer_ddp, optimizer, lr_scheduler, dataloader, dataset,
-                      compute_loss, params_to_clip, start_step, on_epoch_end=validate)
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_trainable_lora(args.output_dir, lora_parts, config_of, args.pretrained_model_name_or_path)
-        write_model_card(args.output_dir, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
-                         args.pretrained_model_name_or_path,
-                         {"stage": 1, "steps": step, "rank": args.rank, "learning_rate": args.learning_rate,
-                          "instance prompt(s)": "; ".join(sorted({i["prompt"] for i in items})),
-                          "resolution": args.resolution, "precondition_outputs": args.precondition_outputs,
-                          "train_text_encoder": args.train_text_encoder, "seed": args.seed},
-                         usage=f'pipe.load_lora_weights("{args.output_dir}")')
-        if args.validation_prompt:
-            log_validation(accelerator, pipeline_without_text_encoders(transformer, vae, noise_scheduler),
-                           prompt_cache, args, step, tag="final")
-        accelerator.print(f"Stage 1 LoRA saved to {args.output_dir}")
-    accelerator.end_training()
+                               compute_loss, params_to_clip, start_step, on_epoch_end=validate)
+    finish_run(args, accelerator, lora_parts, config_of, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
+               {"stage": 1, "steps": step, "rank": args.rank, "learning_rate": args.learning_rate,
+                "instance prompt(s)": "; ".join(sorted({item["prompt"] for item in items})),
+                "resolution": args.resolution, "precondition_outputs": args.precondition_outputs,
+                "train_text_encoder": args.train_text_encoder, "seed": args.seed},
+               f'pipe.load_lora_weights("{args.output_dir}")', validate, step)
     return SimpleNamespace(transformer=transformer, step=step, history=history, output_dir=args.output_dir)
 
 

@@ -19,19 +19,18 @@ from pathlib import Path
 import torch
 
 from utils.args import BadInput, add_shared_args, check_shared_args
-from utils.checkpoint import list_checkpoints, register_lora_state_hooks, resolve_resume, write_trainable_lora
+from utils.checkpoint import list_checkpoints, register_lora_state_hooks, resolve_resume
 from utils.data import read_concept_csv, rows_to_items
 from utils.flow_matching import (flow_matching_loss, loss_weights, noisy_latents, precondition_to_x0,
                                  sample_timesteps, velocity_target)
-from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input, make_run_dataset
+from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter, lora_format,
                         make_lora_config, transformer_target_modules)
-from utils.prompts import PromptCache, free_text_encoders, load_text_pipeline, text_encoders
 from utils.purecc_loss import purecc_loss
-from utils.training import (LatentCache, batch_latents, load_diffusion_parts, log_validation, make_accelerator,
-                            make_dataloader, make_lr_scheduler, make_optimizer, pipeline_without_text_encoders,
-                            resolve_schedule, resume_if_asked, train_loop, transformer_velocity, weight_dtype_of,
-                            write_model_card)
+from utils.training import (batch_latents, encode_prompts_once, finish_run, load_diffusion_parts, make_accelerator,
+                            make_lr_scheduler, make_optimizer, make_training_data, make_validator, resume_if_asked,
+                            scaled_learning_rate, start_tracking, train_loop, trainable_to_fp32,
+                            transformer_velocity, weight_dtype_of)
 
 TRAINABLE, EXTRACTOR = "purecc", "extractor"
 
@@ -113,14 +112,8 @@ def main(argv=None):
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
     # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once.
-    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
-    text_pipe.to(device)
-    for encoder in text_encoders(text_pipe):
-        encoder.requires_grad_(False)
     prompts = [item[key] for item in items for key in ("prompt", "base_prompt", "target_prompt")]
-    prompt_cache = PromptCache(text_pipe, prompts + [args.class_prompt or "", args.validation_prompt or ""], device,
-                               args.max_sequence_length)
-    free_text_encoders(text_pipe)
+    prompt_cache, _ = encode_prompts_once(args, device, weight_dtype, prompts)
 
     # Model: ONE frozen base transformer, a new trainable LoRA and the frozen stage-1 LoRA as named adapters.
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
@@ -131,28 +124,18 @@ def main(argv=None):
         load_lora_as_adapter(transformer, extractor_dir, EXTRACTOR, trainable=False)
         transformer.to(device, dtype=weight_dtype)
     activate_adapter(transformer, TRAINABLE, trainable=True)
-    for param in transformer.parameters():  # the trainable LoRA trains in fp32 whatever --mixed_precision says
-        if param.requires_grad:
-            param.data = param.data.float()
+    trainable = trainable_to_fp32(transformer)
     lora_parts = {"transformer": (transformer, TRAINABLE)}
     config_of = {"transformer": transformer.peft_config[TRAINABLE]}
 
-    dataset, collate_fn = make_run_dataset(args, items, class_items)
-    latent_cache = LatentCache(vae, dataset, device) if args.cache_latents else None
-    dataloader = make_dataloader(args, dataset, collate_fn)
-    args.max_train_steps, args.num_train_epochs = resolve_schedule(args, len(dataloader))
-    lr = args.learning_rate * (args.gradient_accumulation_steps * args.train_batch_size *
-                               accelerator.num_processes if args.scale_lr else 1)
-    trainable = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, [{"params": trainable, "lr": lr}])
+    dataset, dataloader, latent_cache = make_training_data(args, accelerator, items, class_items, vae)
+    optimizer = make_optimizer(args, [{"params": trainable, "lr": scaled_learning_rate(args, accelerator)}])
     lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
     transformer_ddp, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
                                                                                lr_scheduler)
     register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
     start_step = resume_if_asked(accelerator, resume_dir)
-    if accelerator.is_main_process:
-        accelerator.init_trackers("purecc-stage2", config={k: v for k, v in vars(args).items()
-                                                             if isinstance(v, (int, float, str, bool))})
+    start_tracking(accelerator, args, "purecc-stage2")
     precondition = bool(args.precondition_outputs)
 
     def compute_loss(batch, generator):
@@ -209,31 +192,17 @@ def main(argv=None):
             logs["prior_loss"] = prior.item()
         return out.total, logs
 
-    def validate(epoch, step):
-        if args.validation_prompt and accelerator.is_main_process and (epoch + 1) % args.validation_epochs == 0:
-            log_validation(accelerator, pipeline_without_text_encoders(transformer, vae, noise_scheduler),
-                           prompt_cache, args, step)
-
+    validate = make_validator(args, accelerator, transformer, vae, noise_scheduler, prompt_cache)
     step, history = train_loop(args, accelerator, transformer_ddp, optimizer, lr_scheduler, dataloader, dataset,
-                      compute_loss, trainable, start_step, on_epoch_end=validate)
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_trainable_lora(args.output_dir, lora_parts, config_of, args.pretrained_model_name_or_path)
-        write_model_card(args.output_dir, f"PureCC stage 2: {concept}", args.pretrained_model_name_or_path,
-                         {"stage": 2, "steps": step, "eta": args.eta, "lambda_mode": args.lambda_mode,
-                          "fix_lambda": args.fix_lambda if args.lambda_mode == "fixed" else "-",
-                          "lambda range": f"[{args.lambda_min}, {args.lambda_max}]",
-                          "original_branch": args.original_branch, "extractor_mode": args.extractor_mode,
-                          "extractor": str(extractor_dir) if extractor_dir else "base model",
-                          "rank": args.rank, "learning_rate": args.learning_rate,
-                          "precondition_outputs": args.precondition_outputs, "seed": args.seed},
-                         usage=f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{args.output_dir}")')
-        if args.validation_prompt:
-            log_validation(accelerator, pipeline_without_text_encoders(transformer, vae, noise_scheduler),
-                           prompt_cache, args, step, tag="final")
-        accelerator.print(f"Stage 2 LoRA saved to {args.output_dir}")
-    accelerator.end_training()
+                               compute_loss, trainable, start_step, on_epoch_end=validate)
+    finish_run(args, accelerator, lora_parts, config_of, f"PureCC stage 2: {concept}",
+               {"stage": 2, "steps": step, "eta": args.eta, "lambda_mode": args.lambda_mode,
+                "fix_lambda": args.fix_lambda if args.lambda_mode == "fixed" else "-",
+                "lambda range": f"[{args.lambda_min}, {args.lambda_max}]", "original_branch": args.original_branch,
+                "extractor_mode": args.extractor_mode, "extractor": str(extractor_dir) if extractor_dir else "base model",
+                "rank": args.rank, "learning_rate": args.learning_rate,
+                "precondition_outputs": args.precondition_outputs, "seed": args.seed},
+               f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{args.output_dir}")', validate, step)
     return SimpleNamespace(transformer=transformer, step=step, history=history, output_dir=args.output_dir)
 
 

@@ -46,7 +46,7 @@ def ensure_class_images(args, accelerator, weight_dtype) -> list[dict]:
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                        variant=args.variant, torch_dtype=weight_dtype)
+                                                        variant=args.variant, dtype=weight_dtype)
         pipe.to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         start = len(existing)

@@ -22,7 +22,7 @@ from diffusers import StableDiffusion3Pipeline
 def load_text_pipeline(model_path: str, revision=None, variant=None, dtype=torch.float32) -> StableDiffusion3Pipeline:
     """SD3 pipeline holding only tokenizers and text encoders (no transformer, no VAE)."""
     return StableDiffusion3Pipeline.from_pretrained(
-        model_path, transformer=None, vae=None, revision=revision, variant=variant, torch_dtype=dtype)
+        model_path, transformer=None, vae=None, revision=revision, variant=variant, dtype=dtype)
 
 
 def text_encoders(pipe) -> list:

@@ -264,3 +264,79 @@ def write_model_card(out_dir, title: str, base_model: str, fields: dict, usage: 
     lines += [f"| {key} | {value} |" for key, value in fields.items()]
     lines += ["", "## Use", "", "```python", usage.strip(), "```", ""]
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
+
+
+# --------------------------------------------------------------------------- steps both stage scripts share
+def encode_prompts_once(args, device, weight_dtype, prompts, keep_clip_trainable: bool = False):
+    """Encode ``prompts`` + class/validation prompts + "" once, then free the text encoders (T5 always; CLIP unless
+    it trains). Returns (PromptCache, text pipeline still holding any trainable CLIP encoders)."""
+    from .prompts import PromptCache, free_text_encoders, load_text_pipeline, text_encoders
+
+    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
+    text_pipe.to(device)
+    for encoder in text_encoders(text_pipe):
+        encoder.requires_grad_(False)
+    extra = [args.class_prompt or "", args.validation_prompt or ""]
+    cache = PromptCache(text_pipe, list(prompts) + extra, device, args.max_sequence_length,
+                        keep_clip_trainable=keep_clip_trainable)
+    if keep_clip_trainable:
+        text_pipe.text_encoder_3 = None
+    else:
+        free_text_encoders(text_pipe)
+    return cache, text_pipe
+
+
+def trainable_to_fp32(*models) -> list[torch.nn.Parameter]:
+    """LoRA weights train in fp32 whatever --mixed_precision says; returns them."""
+    params = [p for model in models for p in model.parameters() if p.requires_grad]
+    for param in params:
+        param.data = param.data.float()
+    return params
+
+
+def make_training_data(args, accelerator, items, class_items, vae):
+    """(dataset, dataloader, latent cache or None); fixes --max_train_steps / --num_train_epochs from its length."""
+    from .inputs import make_run_dataset
+
+    dataset, collate_fn = make_run_dataset(args, items, class_items)
+    latent_cache = LatentCache(vae, dataset, accelerator.device) if args.cache_latents else None
+    dataloader = make_dataloader(args, dataset, collate_fn)
+    args.max_train_steps, args.num_train_epochs = resolve_schedule(args, len(dataloader))
+    return dataset, dataloader, latent_cache
+
+
+def scaled_learning_rate(args, accelerator) -> float:
+    scale = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    return args.learning_rate * (scale if args.scale_lr else 1)
+
+
+def start_tracking(accelerator, args, project: str) -> None:
+    if accelerator.is_main_process:
+        accelerator.init_trackers(project, config={k: v for k, v in vars(args).items()
+                                                   if isinstance(v, (int, float, str, bool))})
+
+
+def make_validator(args, accelerator, transformer, vae, scheduler, prompt_cache):
+    """``validate(epoch, step, final=False)``: images of --validation_prompt every --validation_epochs, and at the end."""
+
+    def validate(epoch, step, final=False):
+        due = final or (epoch + 1) % args.validation_epochs == 0
+        if args.validation_prompt and accelerator.is_main_process and due:
+            log_validation(accelerator, pipeline_without_text_encoders(transformer, vae, scheduler), prompt_cache,
+                           args, step, tag="final" if final else "validation")
+
+    return validate
+
+
+def finish_run(args, accelerator, lora_parts, config_of, card_title: str, card_fields: dict, usage: str,
+               validate, step: int) -> None:
+    """Write the final LoRA (both formats) and model card, render final validation images, close trackers."""
+    from .checkpoint import write_trainable_lora
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_trainable_lora(args.output_dir, lora_parts, config_of, args.pretrained_model_name_or_path)
+        write_model_card(args.output_dir, card_title, args.pretrained_model_name_or_path, card_fields, usage)
+        validate(args.num_train_epochs - 1, step, final=True)
+        accelerator.print(f"LoRA saved to {args.output_dir}")
+    accelerator.end_training()

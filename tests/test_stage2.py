@@ -193,3 +193,14 @@ def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, 
     assert str(out / "base_ckpt" / "robot_toy") in result.stderr
     assert "train_stage1_sd3.py" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_killed_run_resumes_to_the_identical_lora(tiny_sd35_path, extractors, tmp_path):
+    flags = ["--extractor_lora", str(extractors[0]), "--checkpointing_steps", "2", "--random_flip"]
+    run_stage2(tiny_sd35_path, tmp_path / "straight", *flags, steps=4)
+    run_stage2(tiny_sd35_path, tmp_path / "killed", *flags, steps=2)  # "killed" after its step-2 checkpoint
+    resumed = run_stage2(tiny_sd35_path, tmp_path / "killed", *flags, "--resume_from_checkpoint", "latest", steps=4)
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    straight, again = lora_tensors(tmp_path / "straight" / "robot_toy"), lora_tensors(tmp_path / "killed" / "robot_toy")
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)

@@ -336,7 +336,7 @@ def test_memory_flags_with_prior_preservation(runs):
     assert_both_formats(run.out)
     assert "prior_loss" in run.result.stderr  # the progress bar logs the prior term: it was used
     # --use_8bit_adam is real in the script: the saved optimizer state is 8-bit
-    optimizer = torch.load(run.out / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    optimizer = torch.load(run.out / "checkpoint-2" / "optimizer.bin", weights_only=True)
     # bitsandbytes 0.50 nests its quantised tensors under one key in state_dict() (for FSDP)
     dtypes = [{**state, **state.get("__bnb_optimizer_quant_state__", {})}["state1"].dtype
               for state in optimizer["state"].values()]

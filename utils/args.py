@@ -5,24 +5,12 @@ Every check here runs before any model is loaded and before anything is written,
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
 
 class BadInput(ValueError):
     """A user input problem, reported before any work starts."""
-
-
-def str2bool(text) -> bool:
-    if isinstance(text, bool):
-        return text
-    value = str(text).strip().lower()
-    if value in ("1", "true", "yes", "y", "on"):
-        return True
-    if value in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (1/0/true/false), got {text!r}")
 
 
 def add_model_args(p):

@@ -63,10 +63,6 @@ def load_diffusion_parts(args, device, weight_dtype):
     return scheduler, vae, transformer
 
 
-def trainable_parameters(*models) -> list[torch.nn.Parameter]:
-    return [p for model in models for p in model.parameters() if p.requires_grad]
-
-
 def make_optimizer(args, param_groups):
     kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if args.use_8bit_adam:

@@ -147,22 +147,22 @@ def main(argv=None):
         x_t = noisy_latents(x0, noise, sigmas)
         weights = loss_weights(args.weighting_scheme, sigmas, x0.ndim)
         n = x0.shape[0]
-        twice = lambda t: torch.cat([t, t])  # noqa: E731
 
         # Frozen extractor, one no-grad pass over [target_prompt; ""]: delta = e_cond - e_uncond (implicit guidance).
         with torch.no_grad():
             with extractor_weights(transformer, args.extractor_mode):
                 embeds, pooled = prompt_cache.lookup(batch["target_prompt"] + [""] * n, device, weight_dtype)
-                e_cond, e_uncond = transformer_velocity(transformer, twice(x_t), twice(timesteps), embeds,
-                                                        pooled).chunk(2)
+                e_cond, e_uncond = transformer_velocity(transformer_ddp, x_t.repeat(2, 1, 1, 1), timesteps.repeat(2),
+                                                        embeds, pooled).chunk(2)
             if args.original_branch == "frozen":  # supplement section 14: v_base from the base model, no grad
                 with adapters_disabled(transformer):
                     embeds, pooled = prompt_cache.lookup(batch["base_prompt"], device, weight_dtype)
-                    v_base_frozen = transformer_velocity(transformer, x_t, timesteps, embeds, pooled)
+                    v_base_frozen = transformer_velocity(transformer_ddp, x_t, timesteps, embeds, pooled)
 
         # Trainable LoRA, one pass over [prompt; base_prompt] (+ class images under prior preservation).
-        branch_prompts = batch["prompt"] + (batch["base_prompt"] if args.original_branch == "trainable" else [])
-        latents_in, times_in = torch.cat([x_t] * (len(branch_prompts) // n)), timesteps.repeat(len(branch_prompts) // n)
+        copies = 2 if args.original_branch == "trainable" else 1
+        branch_prompts = batch["prompt"] + (batch["base_prompt"] if copies == 2 else [])
+        latents_in, times_in = x_t.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
         if "class_pixel_values" in batch:
             class_batch = {"pixel_values": batch["class_pixel_values"], "image_index": batch["class_image_index"]}
             class_x0 = batch_latents(vae, class_batch, None, generator, device)

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from utils.args import BadInput, check_model_folder
-from utils.data import load_image, read_concept_csv
+from utils.checks import BadInput, check_model_folder, exit_on_error
+from utils.data import read_concept_csv
+from utils.dataset import load_image
 from utils.flow_matching import noisy_latents, scale_latents, velocity_target, weighted_mse
-from utils.inputs import exit_on_bad_input
 from utils.lora import activate_adapter, adapters_disabled, load_lora_as_adapter, lora_format
-from utils.prompts import PromptCache, free_text_encoders, load_text_pipeline
+from utils.prompts import PromptCache, load_text_pipeline
 from utils.training import transformer_velocity
 
 GENERIC_PROMPTS = ("a photo of a dog on the grass", "a red car parked on a city street", "a bowl of fruit on a table",
@@ -123,9 +123,8 @@ def main(argv=None):
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
-    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, dtype=dtype).to(device)
+    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, dtype=dtype)
     prompt_cache = PromptCache(text_pipe, [r.prompt for r in rows] + preservation, device, args.max_sequence_length)
-    free_text_encoders(text_pipe)
     path = args.pretrained_model_name_or_path
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)
@@ -157,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main)
+    exit_on_error(main)

@@ -18,8 +18,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
-from utils.args import BadInput, check_model_folder
-from utils.inputs import exit_on_bad_input
+from utils.checks import BadInput, check_model_folder, exit_on_error
 from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, lora_format
 
 ADAPTER = "purecc"
@@ -274,4 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main)
+    exit_on_error(main)

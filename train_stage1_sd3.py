@@ -1,4 +1,4 @@
-"""PureCC stage 1: a DreamBooth LoRA on the concept images, the *representation extractor* (method.md section 2).
+"""PureCC stage 1: a DreamBooth LoRA on the concept images, the *representation extractor* (docs/method.md section 2).
 
 Follows the diffusers DreamBooth-LoRA-SD3 recipe and accepts its flags (the authors' stage-1 command runs
 verbatim). Input is either an instance folder + one --instance_prompt, or the concept CSV (--data_path +
@@ -11,19 +11,20 @@ verbatim). Input is either an instance folder + one --instance_prompt, or the co
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from types import SimpleNamespace
-import torch
 
-from utils.args import BadInput, add_shared_args, check_shared_args
-from utils.checkpoint import register_lora_state_hooks, resolve_resume
+from utils.args import RunConfig, add_shared_args, check_shared_args
+from utils.checkpoint import resolve_resume
+from utils.checks import BadInput, exit_on_error
 from utils.data import folder_to_items, list_instance_images, read_concept_csv, rows_to_items
-from utils.flow_matching import flow_matching_loss, loss_weights, noisy_latents, sample_timesteps
-from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input
-from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_target_modules
-from utils.training import (batch_latents, encode_prompts_once, finish_run, load_diffusion_parts, make_accelerator,
-                            make_lr_scheduler, make_optimizer, make_training_data, make_validator, resume_if_asked,
-                            scaled_learning_rate, start_tracking, train_loop, trainable_to_fp32,
-                            transformer_velocity, weight_dtype_of)
+from utils.dataset import batch_latents, class_group, ensure_class_images
+from utils.flow_matching import add_noise, flow_matching_loss
+from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config
+from utils.outputs import finish_run, make_validator
+from utils.prompts import encode_prompts_once
+from utils.training import (load_diffusion_parts, make_accelerator, predict, prepare_training, scaled_learning_rate,
+                            train_loop, trainable_to_fp32, weight_dtype_of)
 
 ADAPTER = "default"
 
@@ -38,9 +39,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_inputs(args) -> list[dict]:
-    """Every data check, before any model is loaded: returns the training items (image_path + prompt)."""
-    check_shared_args(args)
+def training_items(args) -> list[dict]:
+    """The training items (image_path + prompt): the CSV's rows with their target_prompt, or a folder's images."""
     if args.csv_name:
         if args.instance_data_dir:
             raise BadInput("Give either --instance_data_dir or --data_path/--csv_name, not both.")
@@ -55,6 +55,14 @@ def read_inputs(args) -> list[dict]:
     return folder_to_items(list_instance_images(args.instance_data_dir), {"prompt": args.instance_prompt})
 
 
+def check_inputs(args) -> tuple[RunConfig, list[dict]]:
+    """Every check, before any model is loaded: the run's folders and its training items."""
+    check_shared_args(args)
+    items = training_items(args)
+    output_dir = Path(args.output_dir)
+    return RunConfig(output_dir=output_dir, resume_dir=resolve_resume(output_dir, args.resume_from_checkpoint)), items
+
+
 def add_text_encoder_loras(text_pipe, args) -> dict:
     """CLIP-L and CLIP-G LoRAs (T5 is never trained); returns {component: (model, adapter)}."""
     parts = {}
@@ -67,10 +75,8 @@ def add_text_encoder_loras(text_pipe, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    items = read_inputs(args)
-    check_model_geometry(args)
-    resume_dir = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # a bad name fails before loading
-    accelerator = make_accelerator(args)
+    run, items = check_inputs(args)
+    accelerator = make_accelerator(args, run)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
@@ -80,65 +86,43 @@ def main(argv=None):
 
     # Model: frozen base + one trainable LoRA (+ CLIP LoRAs with --train_text_encoder).
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
-    lora_config = make_lora_config(args.rank, transformer_target_modules(args.lora_layers, args.lora_blocks),
-                                   args.lora_dropout)
-    add_trainable_lora(transformer, lora_config, ADAPTER, seed=args.seed)
+    add_trainable_lora(transformer, transformer_lora_config(args), ADAPTER, seed=args.seed)
     lora_parts = {"transformer": (transformer, ADAPTER)}
-    if args.train_text_encoder:
-        lora_parts.update(add_text_encoder_loras(text_pipe, args))
-    config_of = {name: model.peft_config[adapter] for name, (model, adapter) in lora_parts.items()}
     param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
     if args.train_text_encoder:
-        clip_params = trainable_to_fp32(text_pipe.text_encoder, text_pipe.text_encoder_2)
-        param_groups.append({"params": clip_params, "lr": args.text_encoder_lr})
+        lora_parts.update(add_text_encoder_loras(text_pipe, args))
+        param_groups.append({"params": trainable_to_fp32(text_pipe.text_encoder, text_pipe.text_encoder_2),
+                             "lr": args.text_encoder_lr})
+    trainer = prepare_training(args, run, accelerator, lora_parts, param_groups, items, class_items, vae,
+                               "purecc-stage1")
+    precondition = bool(args.precondition_outputs)
 
-    dataset, dataloader, latent_cache = make_training_data(args, accelerator, items, class_items, vae)
-    optimizer = make_optimizer(args, param_groups)
-    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
-    models = [model for model, _ in lora_parts.values()]
-    *models, optimizer, dataloader, lr_scheduler = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
-    transformer_ddp = models[0]
-    register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
-    start_step = resume_if_asked(accelerator, resume_dir)
-    start_tracking(accelerator, args, "purecc-stage1")
-
-    def compute_loss(batch, generator):
-        """Flow matching (method.md section 3) on instance (+ class) images."""
-        prompts_in_batch = batch["prompt"] + batch.get("class_prompt", [])
-        x0 = batch_latents(vae, batch, latent_cache, generator, device)
-        if "class_pixel_values" in batch:
-            class_batch = {"pixel_values": batch["class_pixel_values"], "image_index": batch["class_image_index"]}
-            x0 = torch.cat([x0, batch_latents(vae, class_batch, None, generator, device)])
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-        timesteps, sigmas = sample_timesteps(noise_scheduler, x0.shape[0], args.weighting_scheme, args.logit_mean,
-                                             args.logit_std, args.mode_scale, device, generator=generator)
-        x_t = noisy_latents(x0, noise, sigmas)
-        embeds, pooled = prompt_cache.lookup(prompts_in_batch, device, weight_dtype)
-        pred = transformer_velocity(transformer_ddp, x_t, timesteps, embeds, pooled)
-        weights = loss_weights(args.weighting_scheme, sigmas, x0.ndim)
-        n = len(batch["prompt"])
-        loss = flow_matching_loss(pred[:n], x0[:n], noise[:n], x_t[:n], sigmas[:n], weights[:n],
-                                  bool(args.precondition_outputs))
+    def step(batch, generator):
+        """Flow matching (docs/method.md section 3) on the instance images, and on the class images (each with its
+        own noise and timestep) under prior preservation, in one forward pass."""
+        noised = add_noise(batch_latents(vae, batch, trainer.latent_cache, generator, device), noise_scheduler, args,
+                           generator)
+        klass = class_group(batch, vae, noise_scheduler, args, generator, device)
+        pred, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]), *klass], weight_dtype)
+        loss = flow_matching_loss(pred, noised, precondition)
         logs = {"loss": loss.item()}
-        if n < x0.shape[0]:  # DreamBooth prior preservation on the class images
-            prior = flow_matching_loss(pred[n:], x0[n:], noise[n:], x_t[n:], sigmas[n:], weights[n:],
-                                       bool(args.precondition_outputs))
+        if klass:  # DreamBooth prior preservation
+            prior = flow_matching_loss(class_pred[0], klass[0][0], precondition)
             loss = loss + args.prior_loss_weight * prior
             logs.update(instance_loss=logs["loss"], prior_loss=prior.item(), loss=loss.item())
         return loss, logs
 
-    validate = make_validator(args, accelerator, transformer, vae, noise_scheduler, prompt_cache)
-    params_to_clip = [p for group in optimizer.param_groups for p in group["params"]]
-    step, history = train_loop(args, accelerator, transformer_ddp, optimizer, lr_scheduler, dataloader, dataset,
-                               compute_loss, params_to_clip, start_step, on_epoch_end=validate)
-    finish_run(args, accelerator, lora_parts, config_of, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
-               {"stage": 1, "steps": step, "rank": args.rank, "learning_rate": args.learning_rate,
+    validate = make_validator(args, run, accelerator, transformer, vae, noise_scheduler, prompt_cache)
+    step_count, history = train_loop(trainer, step, on_epoch_end=validate)
+    finish_run(args, run, accelerator, lora_parts, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
+               {"stage": 1, "steps": step_count, "rank": args.rank, "learning_rate": args.learning_rate,
                 "instance prompt(s)": "; ".join(sorted({item["prompt"] for item in items})),
                 "resolution": args.resolution, "precondition_outputs": args.precondition_outputs,
                 "train_text_encoder": args.train_text_encoder, "seed": args.seed},
-               f'pipe.load_lora_weights("{args.output_dir}")', validate, step)
-    return SimpleNamespace(transformer=transformer, step=step, history=history, output_dir=args.output_dir)
+               f'pipe.load_lora_weights("{run.output_dir}")', validate, step_count,
+               trainer.schedule.num_train_epochs - 1)
+    return SimpleNamespace(transformer=transformer, step=step_count, history=history, output_dir=run.output_dir)
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main)
+    exit_on_error(main)

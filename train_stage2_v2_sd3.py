@@ -1,8 +1,8 @@
 """PureCC stage 2: pure learning. A new LoRA trained with flow matching plus the eta-weighted PureCC loss, guided by
-the frozen representation extractor E = base model + stage-1 LoRA (method.md section 4, paper Eqs. 9-12).
+the frozen representation extractor E = base model + stage-1 LoRA (docs/method.md section 4, paper Eqs. 10-15).
 
 One copy of the base transformer serves every branch: the trainable LoRA ("purecc") and the frozen extractor LoRA
-("extractor") are two named adapters on it (method.md section 5). Accepts the authors' stage-2 command verbatim:
+("extractor") are two named adapters on it (docs/method.md section 5). Accepts the authors' stage-2 command verbatim:
 
     accelerate launch train_stage2_v2_sd3.py --pretrained_model_name_or_path SD3.5 --data_path data \
         --csv_name robot_toy.csv --output_dir ./output --max_train_steps 800 --learning_rate 1e-4 --rank 4 \
@@ -12,27 +12,28 @@ One copy of the base transformer serves every branch: the trainable LoRA ("purec
 from __future__ import annotations
 
 import argparse
-from types import SimpleNamespace
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from utils.args import BadInput, add_shared_args, check_shared_args
-from utils.checkpoint import list_checkpoints, register_lora_state_hooks, resolve_resume
+from utils.args import RunConfig, add_shared_args, check_shared_args
+from utils.checkpoint import list_checkpoints, resolve_resume
+from utils.checks import BadInput, exit_on_error, require, require_non_negative, require_not_nan
 from utils.data import read_concept_csv, rows_to_items
-from utils.flow_matching import (flow_matching_loss, loss_weights, noisy_latents, precondition_to_x0,
-                                 sample_timesteps, velocity_target)
-from utils.inputs import check_model_geometry, ensure_class_images, exit_on_bad_input
+from utils.dataset import batch_latents, class_group, ensure_class_images
+from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter, lora_format,
-                        make_lora_config, transformer_target_modules)
-from utils.purecc_loss import purecc_loss
-from utils.training import (batch_latents, encode_prompts_once, finish_run, load_diffusion_parts, make_accelerator,
-                            make_lr_scheduler, make_optimizer, make_training_data, make_validator, resume_if_asked,
-                            scaled_learning_rate, start_tracking, train_loop, trainable_to_fp32,
-                            transformer_velocity, weight_dtype_of)
+                        transformer_lora_config)
+from utils.outputs import finish_run, make_validator
+from utils.prompts import encode_prompts_once
+from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
+from utils.training import (load_diffusion_parts, make_accelerator, predict, prepare_training, scaled_learning_rate,
+                            train_loop, trainable_to_fp32, weight_dtype_of)
 
 TRAINABLE, EXTRACTOR = "purecc", "extractor"
+PROMPT_COLUMNS = ("prompt", "base_prompt", "target_prompt")
 
 
 def parse_args(argv=None):
@@ -43,8 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--lambda_mode", default="adaptive", choices=["adaptive", "fixed"],
                         help="adaptive: the paper's lambda* (Eqs. 10-12); fixed: --fix_lambda (the release).")
     parser.add_argument("--fix_lambda", type=float, default=1.0)
-    parser.add_argument("--lambda_min", type=float, default=0.0)
-    parser.add_argument("--lambda_max", type=float, default=5.0)
+    parser.add_argument("--lambda_min", type=float, default=0.0, help="Clamp of lambda* below (-inf: none).")
+    parser.add_argument("--lambda_max", type=float, default=5.0, help="Clamp of lambda* above (inf: none).")
     parser.add_argument("--original_branch", default="trainable", choices=["trainable", "frozen"],
                         help="trainable: v_base from the trainable LoRA (Eq. 9); frozen: from the base model.")
     parser.add_argument("--extractor_lora", default=None,
@@ -70,19 +71,19 @@ def find_extractor(args, concept: str) -> Path:
         f"--output_dir {root} --rank {args.rank}\nor pass --extractor_lora PATH (or --extractor_mode base).")
 
 
-def read_inputs(args):
-    """Every check before any model is loaded. Returns (items, extractor folder or None)."""
+def check_inputs(args) -> tuple[RunConfig, list[dict]]:
+    """Every check, before any model is loaded: the run's folders (output, resume, extractor) and its items."""
     check_shared_args(args)
-    if not args.csv_name:
-        raise BadInput("Stage 2 needs the concept CSV: give --data_path and --csv_name (method.md section 1).")
-    if args.eta < 0:
-        raise BadInput(f"--eta must be >= 0, got {args.eta}.")
-    if args.lambda_min > args.lambda_max:
-        raise BadInput(f"--lambda_min {args.lambda_min} is above --lambda_max {args.lambda_max}.")
+    require(args.csv_name is not None, "Stage 2 needs the concept CSV: give --data_path and --csv_name "
+            "(docs/method.md section 1).")
+    require_non_negative(args, "eta")
+    require_not_nan(args, "fix_lambda", "lambda_min", "lambda_max")
+    require(args.lambda_min <= args.lambda_max, f"--lambda_min {args.lambda_min} is above --lambda_max {args.lambda_max}.")
     items = rows_to_items(read_concept_csv(args.data_path, args.csv_name))
     concept = Path(args.csv_name).stem
-    extractor = find_extractor(args, concept) if args.extractor_mode == "lora" else None
-    return items, extractor
+    output_dir = Path(args.output_dir) / concept  # as the authors' script: <output_dir>/<csv stem>/
+    return RunConfig(output_dir=output_dir, resume_dir=resolve_resume(output_dir, args.resume_from_checkpoint),
+                     extractor_dir=find_extractor(args, concept) if args.extractor_mode == "lora" else None), items
 
 
 @contextmanager
@@ -102,109 +103,84 @@ def extractor_weights(transformer, extractor_mode: str):
 
 def main(argv=None):
     args = parse_args(argv)
-    items, extractor_dir = read_inputs(args)
-    check_model_geometry(args)
-    args.output_root, concept = args.output_dir, Path(args.csv_name).stem
-    args.output_dir = str(Path(args.output_root) / concept)  # as the authors' script: <output_dir>/<csv stem>/
-    resume_dir = resolve_resume(args.output_dir, args.resume_from_checkpoint)  # a bad name fails before loading
-    accelerator = make_accelerator(args)
+    run, items = check_inputs(args)
+    accelerator = make_accelerator(args, run)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
     # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once.
-    prompts = [item[key] for item in items for key in ("prompt", "base_prompt", "target_prompt")]
-    prompt_cache, _ = encode_prompts_once(args, device, weight_dtype, prompts)
+    prompt_cache, _ = encode_prompts_once(args, device, weight_dtype,
+                                          [item[key] for item in items for key in PROMPT_COLUMNS])
 
     # Model: ONE frozen base transformer, a new trainable LoRA and the frozen stage-1 LoRA as named adapters.
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
-    lora_config = make_lora_config(args.rank, transformer_target_modules(args.lora_layers, args.lora_blocks),
-                                   args.lora_dropout)
-    add_trainable_lora(transformer, lora_config, TRAINABLE, seed=args.seed)
-    if extractor_dir is not None:
-        load_lora_as_adapter(transformer, extractor_dir, EXTRACTOR, trainable=False)
+    add_trainable_lora(transformer, transformer_lora_config(args), TRAINABLE, seed=args.seed)
+    if run.extractor_dir is not None:
+        load_lora_as_adapter(transformer, run.extractor_dir, EXTRACTOR, trainable=False)
         transformer.to(device, dtype=weight_dtype)
     activate_adapter(transformer, TRAINABLE, trainable=True)
-    trainable = trainable_to_fp32(transformer)
     lora_parts = {"transformer": (transformer, TRAINABLE)}
-    config_of = {"transformer": transformer.peft_config[TRAINABLE]}
-
-    dataset, dataloader, latent_cache = make_training_data(args, accelerator, items, class_items, vae)
-    optimizer = make_optimizer(args, [{"params": trainable, "lr": scaled_learning_rate(args, accelerator)}])
-    lr_scheduler = make_lr_scheduler(args, optimizer, accelerator.num_processes)
-    transformer_ddp, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader,
-                                                                               lr_scheduler)
-    register_lora_state_hooks(accelerator, lora_parts, config_of, args.pretrained_model_name_or_path)
-    start_step = resume_if_asked(accelerator, resume_dir)
-    start_tracking(accelerator, args, "purecc-stage2")
+    param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
+    trainer = prepare_training(args, run, accelerator, lora_parts, param_groups, items, class_items, vae,
+                               "purecc-stage2")
     precondition = bool(args.precondition_outputs)
 
-    def compute_loss(batch, generator):
-        """One PureCC step (method.md section 4): the same x_t and t for every branch."""
-        x0 = batch_latents(vae, batch, latent_cache, generator, device)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
-        timesteps, sigmas = sample_timesteps(noise_scheduler, x0.shape[0], args.weighting_scheme, args.logit_mean,
-                                             args.logit_std, args.mode_scale, device, generator=generator)
-        x_t = noisy_latents(x0, noise, sigmas)
-        weights = loss_weights(args.weighting_scheme, sigmas, x0.ndim)
-        n = x0.shape[0]
+    def extractor_delta_of(noised, target_prompts):
+        """delta = E(x_t, t, target_prompt) - E(x_t, t, ""): one no-grad pass of the frozen extractor."""
+        with torch.no_grad(), extractor_weights(transformer, args.extractor_mode):
+            e_cond, e_uncond = predict(trainer.model, prompt_cache, [(noised, target_prompts),
+                                                                     (noised, [""] * len(target_prompts))], weight_dtype)
+        return extractor_delta(*(prediction_space(e, noised, precondition) for e in (e_cond, e_uncond)))
 
-        # Frozen extractor, one no-grad pass over [target_prompt; ""]: delta = e_cond - e_uncond (implicit guidance).
-        with torch.no_grad():
-            with extractor_weights(transformer, args.extractor_mode):
-                embeds, pooled = prompt_cache.lookup(batch["target_prompt"] + [""] * n, device, weight_dtype)
-                e_cond, e_uncond = transformer_velocity(transformer_ddp, x_t.repeat(2, 1, 1, 1), timesteps.repeat(2),
-                                                        embeds, pooled).chunk(2)
-            if args.original_branch == "frozen":  # supplement section 14: v_base from the base model, no grad
-                with adapters_disabled(transformer):
-                    embeds, pooled = prompt_cache.lookup(batch["base_prompt"], device, weight_dtype)
-                    v_base_frozen = transformer_velocity(transformer_ddp, x_t, timesteps, embeds, pooled)
-
-        # Trainable LoRA, one pass over [prompt; base_prompt] (+ class images under prior preservation).
-        copies = 2 if args.original_branch == "trainable" else 1
-        branch_prompts = batch["prompt"] + (batch["base_prompt"] if copies == 2 else [])
-        latents_in, times_in = x_t.repeat(copies, 1, 1, 1), timesteps.repeat(copies)
-        if "class_pixel_values" in batch:
-            class_batch = {"pixel_values": batch["class_pixel_values"], "image_index": batch["class_image_index"]}
-            class_x0 = batch_latents(vae, class_batch, None, generator, device)
-            class_noise = torch.randn(class_x0.shape, generator=generator, dtype=class_x0.dtype).to(device)
-            class_x_t = noisy_latents(class_x0, class_noise, sigmas)
-            branch_prompts = branch_prompts + batch["class_prompt"]
-            latents_in, times_in = torch.cat([latents_in, class_x_t]), torch.cat([times_in, timesteps])
-        embeds, pooled = prompt_cache.lookup(branch_prompts, device, weight_dtype)
-        pred = transformer_velocity(transformer_ddp, latents_in, times_in, embeds, pooled)
-        v = pred[:n]
-        v_base = pred[n:2 * n] if args.original_branch == "trainable" else v_base_frozen
-
-        prior = None
-        if "class_pixel_values" in batch:
-            prior = flow_matching_loss(pred[-n:], class_x0, class_noise, class_x_t, sigmas, weights, precondition)
-        if precondition:  # compare like with like: every prediction in x0 space (method.md section 3)
-            v, v_base, e_cond, e_uncond = (precondition_to_x0(p, x_t, sigmas) for p in (v, v_base, e_cond, e_uncond))
-            target = x0
+    def concept_and_original(noised, batch, klass):
+        """v = F_theta(x_t, t, prompt) and v_base = F_theta(x_t, t, base_prompt) in one pass with the class images
+        (Eq. 9); with --original_branch frozen, v_base is the base model's, no grad (supplement section 14)."""
+        if args.original_branch == "frozen":
+            with torch.no_grad(), adapters_disabled(transformer):
+                [v_base] = predict(trainer.model, prompt_cache, [(noised, batch["base_prompt"])], weight_dtype)
+            v, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]), *klass], weight_dtype)
         else:
-            target = velocity_target(x0, noise)
-        out = purecc_loss(v, v_base, e_cond, e_uncond, target, weights, args.eta, lambda_mode=args.lambda_mode,
-                          fix_lambda=args.fix_lambda, lambda_min=args.lambda_min, lambda_max=args.lambda_max,
-                          prior_loss=prior, prior_loss_weight=args.prior_loss_weight)
-        logs = {"loss": out.total.item(), "diff_loss": out.diff_loss.item(), "pri_loss": out.pure_loss.item(),
-                "lambda": out.lambda_.mean().item()}
-        if prior is not None:
-            logs["prior_loss"] = prior.item()
-        return out.total, logs
+            v, v_base, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]),
+                                                                           (noised, batch["base_prompt"]), *klass],
+                                             weight_dtype)
+        return v, v_base, class_pred
 
-    validate = make_validator(args, accelerator, transformer, vae, noise_scheduler, prompt_cache)
-    step, history = train_loop(args, accelerator, transformer_ddp, optimizer, lr_scheduler, dataloader, dataset,
-                               compute_loss, trainable, start_step, on_epoch_end=validate)
-    finish_run(args, accelerator, lora_parts, config_of, f"PureCC stage 2: {concept}",
-               {"stage": 2, "steps": step, "eta": args.eta, "lambda_mode": args.lambda_mode,
+    def step(batch, generator):
+        """Algorithm 1, lines 9-16: one PureCC step, the same x_t and t for every branch."""
+        noised = add_noise(batch_latents(vae, batch, trainer.latent_cache, generator, device), noise_scheduler, args,
+                           generator)                                                     # lines 9-10
+        klass = class_group(batch, vae, noise_scheduler, args, generator, device)         # prior preservation
+        delta = extractor_delta_of(noised, batch["target_prompt"])                        # line 11
+        v, v_base, class_pred = concept_and_original(noised, batch, klass)                # lines 12-13
+        v, v_base = (prediction_space(p, noised, precondition) for p in (v, v_base))
+        lam = purecc_lambda(args.lambda_mode, v, v_base, delta, args.fix_lambda, args.lambda_min,
+                            args.lambda_max)                                              # line 14, Eqs. 10-12
+        terms = purecc_loss(v, v_base, delta, flow_target(noised, precondition), noised.weights, args.eta,
+                            lam)                                                          # line 15, Eqs. 13-15
+        at_min, at_max = clamped_fractions(args.lambda_mode, lam, args.lambda_min, args.lambda_max)
+        logs = {"loss": terms.total.item(), "diff_loss": terms.diff_loss.item(), "pri_loss": terms.pure_loss.item(),
+                "lambda": lam.mean().item(), "lambda_at_min": at_min, "lambda_at_max": at_max}
+        loss = terms.total
+        if klass:  # DreamBooth prior preservation, added to Eq. 15
+            prior = flow_matching_loss(class_pred[0], klass[0][0], precondition)
+            loss = loss + args.prior_loss_weight * prior
+            logs.update(prior_loss=prior.item(), loss=loss.item())
+        return loss, logs                                                                 # line 16: the update
+
+    validate = make_validator(args, run, accelerator, transformer, vae, noise_scheduler, prompt_cache)
+    step_count, history = train_loop(trainer, step, on_epoch_end=validate)
+    finish_run(args, run, accelerator, lora_parts, f"PureCC stage 2: {run.output_dir.name}",
+               {"stage": 2, "steps": step_count, "eta": args.eta, "lambda_mode": args.lambda_mode,
                 "fix_lambda": args.fix_lambda if args.lambda_mode == "fixed" else "-",
                 "lambda range": f"[{args.lambda_min}, {args.lambda_max}]", "original_branch": args.original_branch,
-                "extractor_mode": args.extractor_mode, "extractor": str(extractor_dir) if extractor_dir else "base model",
+                "extractor_mode": args.extractor_mode,
+                "extractor": str(run.extractor_dir) if run.extractor_dir else "base model",
                 "rank": args.rank, "learning_rate": args.learning_rate,
                 "precondition_outputs": args.precondition_outputs, "seed": args.seed},
-               f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{args.output_dir}")', validate, step)
-    return SimpleNamespace(transformer=transformer, step=step, history=history, output_dir=args.output_dir)
+               f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{run.output_dir}")', validate,
+               step_count, trainer.schedule.num_train_epochs - 1)
+    return SimpleNamespace(transformer=transformer, step=step_count, history=history, output_dir=run.output_dir)
 
 
 if __name__ == "__main__":
-    exit_on_bad_input(main)
+    exit_on_error(main)

@@ -1,4 +1,5 @@
-"""utils/data.py (CSV reading and checks, instance folders, preprocessing, dataset) and the example concept."""
+"""utils/data.py (CSV reading and checks, instance folders, image files), utils/dataset.py (preprocessing, dataset,
+class sub-batches) and the example concept."""
 
 import random
 import subprocess
@@ -11,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import (CSV_COLUMNS, ConceptDataset, ConceptRow, collate_examples, folder_to_items,
-                        list_instance_images, load_image, read_concept_csv, rows_to_items)
+from utils.data import CSV_COLUMNS, ConceptRow, folder_to_items, list_instance_images, read_concept_csv, rows_to_items
+from utils.dataset import ConceptDataset, WithClassImages, collate_examples, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"
@@ -175,12 +176,27 @@ def test_collate_examples(tmp_path):
     dataset = _dataset(tmp_path, center_crop=True, repeats=2)
     example = dataset[4]
     assert example["prompt"] == "a photo of sks dog" and example["base_prompt"] == "a photo of a dog"
-    assert "image_path" not in example
+    assert example["image_path"] == str(dataset.items[1]["image_path"])  # as text: it names the image in messages
     batch = collate_examples([dataset[i] for i in (0, 4, 5)])
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_values"].is_contiguous()
     assert batch["image_index"].dtype == torch.long and batch["image_index"].tolist() == [0, 1, 2]
     assert batch["prompt"] == ["a photo of sks dog"] * 3 and batch["base_prompt"] == ["a photo of a dog"] * 3
+
+
+def test_class_images_travel_as_a_nested_sub_batch(tmp_path):
+    instance = _dataset(tmp_path, center_crop=True)
+    klass_items = folder_to_items([_gradient(tmp_path / f"c{i}.png", (32, 40)) for i in range(5)],
+                                  {"prompt": "a photo of a dog"})
+    paired = WithClassImages(instance, ConceptDataset(klass_items, 32, center_crop=True))
+    assert len(paired) == 5  # the longer of the two
+    example = paired[4]
+    assert example["image_index"] == 1 and example["class"]["image_index"] == 4  # instance wraps, class does not
+    batch = collate_examples([paired[i] for i in (0, 4)])
+    assert batch["prompt"] == ["a photo of sks dog"] * 2 and batch["image_index"].tolist() == [0, 1]
+    assert batch["class"]["pixel_values"].shape == (2, 3, 32, 32)
+    assert batch["class"]["prompt"] == ["a photo of a dog"] * 2 and batch["class"]["image_index"].tolist() == [0, 4]
+    assert torch.equal(batch["class"]["pixel_values"][1], paired.klass[4]["pixel_values"])
 
 
 def test_rows_to_items_keep_every_field(tmp_path):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from launch import REPO_ROOT
+from helpers import REPO_ROOT
 
 from utils.lora import read_transformer_lora
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from launch import REPO_ROOT, run_python
+from helpers import REPO_ROOT, run_python
 
 import eval as evaluate
 import train_stage1_sd3 as stage1

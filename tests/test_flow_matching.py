@@ -1,4 +1,4 @@
-"""utils/flow_matching.py against values worked out by hand (method.md section 3)."""
+"""utils/flow_matching.py against values worked out by hand (docs/method.md section 3)."""
 
 import math
 from types import SimpleNamespace
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from utils.flow_matching import (
+    Noised,
+    add_noise,
     encode_latents,
     expand_sigmas,
     flow_matching_loss,
@@ -128,21 +130,46 @@ def test_weighted_mse_upcasts_bf16():
     assert got.item() == pytest.approx(weighted_mse(pred, target, w).item(), rel=2e-2)
 
 
+def _noised(x0, noise, sigmas, weights):
+    return Noised(x0=x0, noise=noise, x_t=noisy_latents(x0, noise, sigmas), timesteps=sigmas * 1000, sigmas=sigmas,
+                  weights=weights)
+
+
 def test_flow_matching_loss_both_spaces():
     x0, noise, pred = _rand(6), _rand(7), _rand(8)
     sigmas = torch.tensor([0.25, 0.75])
-    x_t = noisy_latents(x0, noise, sigmas)
     w = torch.tensor([1.5, 0.5])
-    got_v = flow_matching_loss(pred, x0, noise, x_t, sigmas, w, precondition_outputs=False)
+    noised = _noised(x0, noise, sigmas, w)
+    x_t = noised.x_t
+    got_v = flow_matching_loss(pred, noised, precondition_outputs=False)
     assert got_v.item() == pytest.approx(_hand_weighted_mse(pred, noise - x0, [1.5, 0.5]), rel=1e-5)
-    got_x0 = flow_matching_loss(pred, x0, noise, x_t, sigmas, w, precondition_outputs=True)
+    got_x0 = flow_matching_loss(pred, noised, precondition_outputs=True)
     x0_hat = torch.stack([x_t[b] - s * pred[b] for b, s in enumerate([0.25, 0.75])])
     assert got_x0.item() == pytest.approx(_hand_weighted_mse(x0_hat, x0, [1.5, 0.5]), rel=1e-5)
     assert abs(got_v.item() - got_x0.item()) > 1e-3
     # the true velocity has zero loss in both spaces
     u = noise - x0
-    assert flow_matching_loss(u, x0, noise, x_t, sigmas, w, False).item() == 0.0
-    assert flow_matching_loss(u, x0, noise, x_t, sigmas, w, True).item() == pytest.approx(0.0, abs=1e-12)
+    assert flow_matching_loss(u, noised, False).item() == 0.0
+    assert flow_matching_loss(u, noised, True).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_add_noise_draws_noise_then_timesteps_from_the_generator(scheduler):
+    """Algorithm 1 lines 9-10 as one helper: noise first, then the timestep draw, from the one generator; x_t, the
+    sigmas and the weights follow by hand."""
+    args = SimpleNamespace(weighting_scheme="sigma_sqrt", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    x0 = _rand(11)
+    noised = add_noise(x0, scheduler, args, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=g)
+    t, s = sample_timesteps(scheduler, 2, "sigma_sqrt", 0.0, 1.0, 1.29, "cpu", generator=g)
+    assert torch.equal(noised.noise, noise) and torch.equal(noised.timesteps, t) and torch.equal(noised.sigmas, s)
+    for b in range(2):
+        torch.testing.assert_close(noised.x_t[b], (1 - s[b]) * x0[b] + s[b] * noise[b])
+        assert noised.weights[b].item() == pytest.approx(1.0 / s[b].item() ** 2, rel=1e-5)  # sigma_sqrt: 1/sigma^2
+    again = add_noise(x0, scheduler, args, torch.Generator().manual_seed(5))
+    assert torch.equal(again.x_t, noised.x_t)
+    x_t2, t2 = noised.repeat(2)
+    assert x_t2.shape == (4, *SHAPE[1:]) and torch.equal(x_t2[2:], noised.x_t) and torch.equal(t2[2:], t)
 
 
 # ---- timestep sampling ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """infer.py and the authors' inference snippet on a stage-2 output of our own trainers (tiny SD3.5 model).
 
-The stage-2 LoRA comes from the one run_concept.sh run shared with tests/test_run_concept.py. Pipelines run in this
+The stage-2 LoRA comes from the session's run_concept.sh run (the ``concept_run`` fixture). Pipelines run in this
 process: no extra interpreter start-ups."""
 
 from __future__ import annotations
@@ -16,19 +16,12 @@ import torch
 from PIL import Image
 
 import infer
-from test_run_concept import shared_concept_run
-from utils.args import BadInput
-from utils.inputs import exit_on_bad_input
+from utils.checks import BadInput, exit_on_error
 
 PROMPT = "a photo of sks robot toy on a wooden table"
 SEED = 42
 SIZE = 64
 STEPS = 2
-
-
-@pytest.fixture(scope="module")
-def concept_run(tiny_sd35_path, tmp_path_factory) -> dict:
-    return shared_concept_run(tiny_sd35_path, tmp_path_factory)
 
 
 def snippet_image(model: Path, lora_dir: Path | None = None, route: str = "peft") -> np.ndarray:
@@ -172,7 +165,7 @@ def test_bad_input_exits_2_with_one_error_line(tiny_sd35_path, tmp_path, monkeyp
     monkeypatch.setattr(sys, "argv", ["infer.py", "--pretrained_model_name_or_path", str(tiny_sd35_path),
                                       "--prompt", "x", "--height", "100", "--output_dir", str(out)])
     with pytest.raises(SystemExit) as exit_info:
-        exit_on_bad_input(infer.main)
+        exit_on_error(infer.main)
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --height 100 must be a positive multiple of 16 (VAE x patch size); try 96."]

@@ -1,9 +1,11 @@
-"""utils/purecc_loss.py (PureCC Eq. 9, adaptive lambda* Eqs. 10-12) against values worked out by hand."""
+"""utils/purecc_loss.py (PureCC lambda* Eqs. 10-12, target Eq. 13, loss Eqs. 14-15) against values worked out by
+hand."""
 
 import pytest
 import torch
 
-from utils.purecc_loss import PureCCLoss, adaptive_lambda, purecc_loss
+from utils.purecc_loss import (PureCCLoss, adaptive_lambda, clamped_fractions, extractor_delta, purecc_lambda,
+                               purecc_loss)
 
 SHAPE = (3, 2, 2, 3)  # B = 3, 12 elements per sample
 B, N = 3, 12
@@ -49,6 +51,14 @@ def _hand_lambda(v, v_base, delta_rows, lo, hi):
     return lams
 
 
+def _step(v, v_base, e_cond, e_uncond, target, weights, eta, lambda_mode="adaptive", fix_lambda=1.0, lambda_min=0.0,
+          lambda_max=5.0):
+    """The loss part of a stage-2 step: delta, lambda (Eqs. 10-12), then Eqs. 13-15."""
+    delta = extractor_delta(e_cond, e_uncond)
+    lam = purecc_lambda(lambda_mode, v, v_base, delta, fix_lambda, lambda_min, lambda_max)
+    return purecc_loss(v, v_base, delta, target, weights, eta, lam)
+
+
 def _hand_terms(v, v_base, e_cond, e_uncond, target, lams):
     delta = [[c - u for c, u in zip(_flat(e_cond, b), _flat(e_uncond, b))] for b in range(B)]
     v_rows = [_flat(v, b) for b in range(B)]
@@ -62,14 +72,13 @@ def _hand_terms(v, v_base, e_cond, e_uncond, target, lams):
 
 def test_fixed_lambda_terms_by_hand():
     v, v_base, e_cond, e_uncond, target = _inputs()
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="fixed", fix_lambda=0.7)
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="fixed", fix_lambda=0.7)
     assert isinstance(out, PureCCLoss)
     assert torch.equal(out.lambda_, torch.full((B,), 0.7))  # exactly fix_lambda per sample
     diff, pure = _hand_terms(v, v_base, e_cond, e_uncond, target, [0.7] * B)
     assert out.diff_loss.item() == pytest.approx(diff, rel=1e-5)
     assert out.pure_loss.item() == pytest.approx(pure, rel=1e-5)
     assert out.total.item() == pytest.approx(diff + 2.0 * pure, rel=1e-5)
-    assert out.prior_loss is None
 
 
 def test_adaptive_lambda_terms_by_hand():
@@ -77,7 +86,7 @@ def test_adaptive_lambda_terms_by_hand():
     # put a known component along delta into r so lambda* lands inside (0, 5) for each sample
     delta = e_cond - e_uncond
     v = v_base + torch.tensor([0.3, 1.2, 2.0]).reshape(B, 1, 1, 1) * delta + 0.2 * _rand(9)
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=1.5)
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=1.5)
     delta_rows = [_flat(delta, b) for b in range(B)]
     lams = _hand_lambda(v, v_base, delta_rows, 0.0, 5.0)
     assert all(0.0 < lam < 5.0 for lam in lams)  # the clamp does not hide anything here
@@ -88,19 +97,30 @@ def test_adaptive_lambda_terms_by_hand():
     assert out.total.item() == pytest.approx(diff + 1.5 * pure, rel=1e-5)
 
 
-def test_prior_loss_added_with_weight():
-    v, v_base, e_cond, e_uncond, target = _inputs()
-    base = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0)
-    prior = torch.tensor(0.37)
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, prior_loss=prior,
-                      prior_loss_weight=0.5)
-    assert out.total.item() == pytest.approx(base.total.item() + 0.5 * 0.37, rel=1e-6)
-    assert out.prior_loss is prior
+def test_clamped_fractions_count_samples_at_each_bound():
+    v_base, delta = _rand(0), _rand(1)
+    v = v_base + torch.tensor([-1.0, 10.0, 2.0]).reshape(B, 1, 1, 1) * delta  # projections -1, 10, 2
+    lam = adaptive_lambda(v, v_base, delta)  # clamped to [0, 5]: one sample at each bound
+    assert clamped_fractions("adaptive", lam, 0.0, 5.0) == pytest.approx((1 / 3, 1 / 3))
+    lam = adaptive_lambda(v, v_base, delta, float("-inf"), float("inf"))  # Eq. 12 as written: nothing clamps
+    assert lam.tolist() == pytest.approx([-1.0, 10.0, 2.0], rel=1e-5)
+    assert clamped_fractions("adaptive", lam, float("-inf"), float("inf")) == (0.0, 0.0)
+    fixed = purecc_lambda("fixed", v, v_base, delta, fix_lambda=7.0)  # outside [0, 5], yet never clamped
+    assert fixed.tolist() == [7.0] * B and clamped_fractions("fixed", fixed, 0.0, 5.0) == (0.0, 0.0)
+
+
+def test_extractor_delta_is_detached_float32_difference():
+    e_cond, e_uncond = _rand(3).bfloat16().requires_grad_(True), _rand(4).bfloat16()
+    delta = extractor_delta(e_cond, e_uncond)
+    assert delta.dtype == torch.float32 and not delta.requires_grad
+    assert torch.equal(delta, e_cond.detach().float() - e_uncond.float())
+    with pytest.raises(ValueError, match="shape"):
+        extractor_delta(e_cond, e_uncond[:1])
 
 
 def test_eta_zero_is_flow_matching_loss():
     v, v_base, e_cond, e_uncond, target = _inputs()
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=0.0)
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=0.0)
     hand = _hand_mse([_flat(v, b) for b in range(B)], [_flat(target, b) for b in range(B)], W)
     assert out.total.item() == pytest.approx(hand, rel=1e-5)
     assert torch.equal(out.total, out.diff_loss)
@@ -109,8 +129,8 @@ def test_eta_zero_is_flow_matching_loss():
 
 def test_weights_are_applied():
     v, v_base, e_cond, e_uncond, target = _inputs()
-    uniform = purecc_loss(v, v_base, e_cond, e_uncond, target, torch.ones(B), eta=2.0, lambda_mode="fixed")
-    weighted = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="fixed")
+    uniform = _step(v, v_base, e_cond, e_uncond, target, torch.ones(B), eta=2.0, lambda_mode="fixed")
+    weighted = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="fixed")
     delta = [[c - u for c, u in zip(_flat(e_cond, b), _flat(e_uncond, b))] for b in range(B)]
     v_rows = [_flat(v, b) for b in range(B)]
     t_rows = [_flat(target, b) for b in range(B)]
@@ -139,7 +159,12 @@ def test_adaptive_lambda_detached_even_with_grad_inputs():
     v, v_base, e_cond, e_uncond, target = _inputs(requires_grad=True)
     lam = adaptive_lambda(v, v_base, e_cond - e_uncond)
     assert not lam.requires_grad and lam.grad_fn is None
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0)
+    # a lambda that does carry a graph is still used as a constant by the loss
+    out = purecc_loss(v, v_base, extractor_delta(e_cond, e_uncond), target, _weights(), 2.0, lam * v.sum() / v.sum())
+    out.total.backward()
+    assert e_cond.grad is None and v.grad is not None
+    v.grad = v_base.grad = None
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0)
     assert not out.lambda_.requires_grad
     assert out.total.requires_grad
 
@@ -158,7 +183,7 @@ def test_adaptive_lambda_clamp():
 def test_zero_delta_gives_zero_lambda():
     v, v_base, _, _, target = _inputs()
     e = _rand(7)
-    out = purecc_loss(v, v_base, e, e.clone(), target, _weights(), eta=2.0)
+    out = _step(v, v_base, e, e.clone(), target, _weights(), eta=2.0)
     assert torch.equal(out.lambda_, torch.zeros(B))
     assert torch.isfinite(out.total)
     # with delta = 0 the pure target is v_base itself
@@ -182,7 +207,7 @@ def test_lambda_invariant_under_x0_preconditioning():
 def test_gradients_reach_v_and_v_base_never_extractor(mode):
     v, v_base, e_cond, e_uncond, target = _inputs(requires_grad=True)
     eta = 2.0
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=eta, lambda_mode=mode, fix_lambda=0.8)
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=eta, lambda_mode=mode, fix_lambda=0.8)
     out.total.backward()
     assert e_cond.grad is None and e_uncond.grad is None
     assert v.grad is not None and v.grad.abs().sum() > 0
@@ -205,7 +230,7 @@ def test_gradients_reach_v_and_v_base_never_extractor(mode):
 def test_frozen_branch_v_base_without_grad():
     v, v_base, e_cond, e_uncond, target = _inputs()
     v.requires_grad_(True)  # v_base from a no-grad frozen pass
-    purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0).total.backward()
+    _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0).total.backward()
     assert v.grad is not None and v_base.grad is None
 
 
@@ -214,16 +239,18 @@ def test_frozen_branch_v_base_without_grad():
 def test_rejects_bad_mode_and_shapes():
     v, v_base, e_cond, e_uncond, target = _inputs()
     with pytest.raises(ValueError, match="lambda_mode"):
-        purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="adptive")
+        _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="adptive")
     with pytest.raises(ValueError, match="shapes"):
-        purecc_loss(v, v_base[:, :1], e_cond, e_uncond, target, _weights(), eta=2.0)
+        _step(v, v_base[:, :1], e_cond, e_uncond, target, _weights(), eta=2.0, lambda_mode="fixed")
     with pytest.raises(ValueError):
-        purecc_loss(v, v_base, e_cond, e_uncond, target, torch.ones(2), eta=2.0)
+        _step(v, v_base, e_cond, e_uncond, target, torch.ones(2), eta=2.0)
+    with pytest.raises(ValueError, match="one value per sample"):
+        purecc_loss(v, v_base, e_cond - e_uncond, target, _weights(), 2.0, torch.ones(2))
 
 
 def test_bf16_inputs_give_float32_losses():
     v, v_base, e_cond, e_uncond, target = (t.bfloat16() for t in _inputs())
-    out = purecc_loss(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0)
+    out = _step(v, v_base, e_cond, e_uncond, target, _weights(), eta=2.0)
     assert out.total.dtype == torch.float32 and out.lambda_.dtype == torch.float32
-    ref = purecc_loss(*(t.float() for t in (v, v_base, e_cond, e_uncond, target)), _weights(), eta=2.0)
+    ref = _step(*(t.float() for t in (v, v_base, e_cond, e_uncond, target)), _weights(), eta=2.0)
     assert out.total.item() == pytest.approx(ref.total.item(), rel=1e-2)

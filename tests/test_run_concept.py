@@ -1,56 +1,21 @@
 """scripts/run_concept.sh and scripts/run_all.sh end to end on the tiny SD3.5 model.
 
-The one expensive thing, a full stage 1 -> stage 2 -> samples run with tiny settings, happens once per session in
-``shared_concept_run`` and is reused here and by tests/test_infer.py (which imports it: a fixture imported into two
-modules would run twice, a module-level cache does not)."""
+The one expensive thing, a full stage 1 -> stage 2 -> samples run with tiny settings, is the session fixture
+``concept_run`` (tests/conftest.py), which tests/test_infer.py reads too."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from helpers import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_CONCEPT = REPO_ROOT / "scripts" / "run_concept.sh"
 RUN_ALL = REPO_ROOT / "scripts" / "run_all.sh"
 CONCEPT = "robot_toy"
 WEIGHTS = "pytorch_lora_weights.safetensors"
-# 64 px, 2 optimizer steps per stage, 2 sampling steps. The learning rates are far above the real ones so that two
-# steps move the LoRA enough to change an image visibly (tests compare LoRA and base images).
-TINY_SETTINGS = dict(RESOLUTION="64", STAGE1_STEPS="2", STAGE2_STEPS="2", GRAD_ACCUM="1", INFER_STEPS="2",
-                     NUM_IMAGES="1", STAGE1_LR="1e-2", STAGE2_LR="1e-2", SEED="0", FORCE="0", SAMPLES="1")
-
-_RUNS: dict[str, dict] = {}
-
-
-def run_script(script: Path, *args, env_overrides: dict | None = None, hf_home: Path,
-               cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHON=sys.executable, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", **(env_overrides or {}))
-    return subprocess.run(["bash", str(script), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
-
-
-def shared_concept_run(model_path: Path, tmp_path_factory) -> dict:
-    """Run run_concept.sh once (tiny settings) for data/robot_toy.csv; {out, stage1, stage2, samples, env, ...}."""
-    if "run" not in _RUNS:
-        root = tmp_path_factory.mktemp("concept_run")
-        env = dict(TINY_SETTINGS, MODEL_NAME=str(model_path), OUTPUT_DIR=str(root / "output"))
-        result = run_script(RUN_CONCEPT, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env,
-                            hf_home=root / "hf")
-        assert result.returncode == 0, f"run_concept.sh failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
-        out = root / "output"
-        _RUNS["run"] = dict(root=root, out=out, env=env, stdout=result.stdout, model=model_path,
-                            stage1=out / "base_ckpt" / CONCEPT, stage2=out / CONCEPT, samples=out / CONCEPT / "samples")
-    return _RUNS["run"]
-
-
-@pytest.fixture(scope="module")
-def concept_run(tiny_sd35_path, tmp_path_factory) -> dict:
-    return shared_concept_run(tiny_sd35_path, tmp_path_factory)
 
 
 # ----------------------------------------------------------------------------------------------- the full run
@@ -80,12 +45,12 @@ def test_samples_substitute_the_instance_word(concept_run):
     assert Path(meta["lora"]) == concept_run["stage2"]
 
 
-def test_rerun_skips_finished_stages(concept_run):
+def test_rerun_skips_finished_stages(concept_run, script_runner):
     weights = [concept_run["stage1"] / WEIGHTS, concept_run["stage2"] / WEIGHTS]
     mtimes = [path.stat().st_mtime_ns for path in weights]
     env = dict(concept_run["env"], SAMPLES="0")  # rendering was checked above; keep the rerun cheap
-    result = run_script(RUN_CONCEPT, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env,
-                        hf_home=concept_run["root"] / "hf")
+    result = script_runner(RUN_CONCEPT, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env,
+                           hf_home=concept_run["root"] / "hf")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "stage 1: skip" in result.stdout and "stage 2: skip" in result.stdout, result.stdout
     assert "training" not in result.stdout
@@ -93,9 +58,9 @@ def test_rerun_skips_finished_stages(concept_run):
 
 
 # ----------------------------------------------------------------------------------------------- bad inputs
-def test_missing_csv_names_it(tmp_path):
+def test_missing_csv_names_it(tmp_path, script_runner):
     missing = tmp_path / "no_such_concept.csv"
-    result = run_script(RUN_CONCEPT, missing, env_overrides={"MODEL_NAME": str(tmp_path)}, hf_home=tmp_path / "hf")
+    result = script_runner(RUN_CONCEPT, missing, env_overrides={"MODEL_NAME": str(tmp_path)}, hf_home=tmp_path / "hf")
     assert result.returncode != 0
     assert str(missing) in result.stderr and "not found" in result.stderr
 
@@ -109,12 +74,12 @@ def test_missing_model_name_is_explained(tmp_path):
     assert "MODEL_NAME" in result.stderr
 
 
-def test_run_all_keeps_going_and_reports_failures(concept_run, tmp_path):
+def test_run_all_keeps_going_and_reports_failures(concept_run, tmp_path, script_runner):
     """One finished concept (skipped, nothing rendered) and one missing CSV: both attempted, failure reported."""
     missing = tmp_path / "ghost.csv"
     env = dict(concept_run["env"], SAMPLES="0")
-    result = run_script(RUN_ALL, missing, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env,
-                        hf_home=concept_run["root"] / "hf")
+    result = script_runner(RUN_ALL, missing, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env,
+                           hf_home=concept_run["root"] / "hf")
     assert result.returncode != 0
     assert "stage 2: skip" in result.stdout  # the concept after the failed one still ran
     assert "ghost" in result.stderr + result.stdout and "1 of 2" in result.stderr + result.stdout

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO_ROOT, launch, run_python
+from helpers import REPO_ROOT, error_line, launch, lora_tensors, run_python, script_status
+from helpers import stage2 as run_stage2
 
 import train_stage1_sd3 as stage1
 import train_stage2_v2_sd3 as stage2
-from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, read_transformer_lora
+from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
 
 TINY = ["--resolution", "64", "--report_to", "none", "--rank", "4"]
 
@@ -33,31 +34,6 @@ def same_prompt_csv(folder: Path) -> Path:
         for row in rows:
             writer.writerow(dict(row, target_prompt=row["prompt"], image_path=str(REPO_ROOT / "data" / row["image_path"])))
     return folder / "same.csv"
-
-
-def lora_tensors(folder) -> dict[str, torch.Tensor]:
-    return read_transformer_lora(folder)[0]
-
-
-def run_stage1(model, out_dir, seed: int, steps: int = 3, lr: str = "1e-2"):
-    return stage1.main(["--pretrained_model_name_or_path", str(model), "--data_path", str(REPO_ROOT / "data"),
-                        "--csv_name", "robot_toy.csv", "--output_dir", str(out_dir), "--max_train_steps", str(steps),
-                        "--learning_rate", lr, "--seed", str(seed), *TINY])
-
-
-def run_stage2(model, out_root, *extra, steps: int = 2):
-    return stage2.main(["--pretrained_model_name_or_path", str(model), "--data_path", str(REPO_ROOT / "data"),
-                        "--csv_name", "robot_toy.csv", "--output_dir", str(out_root), "--max_train_steps", str(steps),
-                        "--learning_rate", "1e-3", *TINY, *extra])
-
-
-@pytest.fixture(scope="module")
-def extractors(tiny_sd35_path, tmp_path_factory):
-    """Two different stage-1 LoRAs (different seeds) of the example concept."""
-    root = tmp_path_factory.mktemp("extractors")
-    run_stage1(tiny_sd35_path, root / "a", seed=0)
-    run_stage1(tiny_sd35_path, root / "b", seed=1)
-    return root / "a", root / "b"
 
 
 def test_authors_stage2_command_writes_both_formats_and_logs(tiny_sd35_path, extractors, tmp_path):
@@ -81,8 +57,20 @@ def test_authors_stage2_command_writes_both_formats_and_logs(tiny_sd35_path, ext
     events = EventAccumulator(str(next((concept / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"loss", "diff_loss", "pri_loss", "lambda", "lr"} <= scalars
+    assert {"loss", "diff_loss", "pri_loss", "lambda", "lambda_at_min", "lambda_at_max", "lr"} <= scalars
     assert [e.step for e in events.Scalars("lambda")] == [1, 2, 3, 4]
+
+
+def test_command_line_error_through_accelerate_launch(tiny_sd35_path, tmp_path):
+    """A direct ``accelerate launch`` user with a bad flag sees the script's one error line (status 2, reported in
+    accelerate's own CalledProcessError), and nothing is written."""
+    out = tmp_path / "output"
+    launched = launch("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", "data",
+                      "--csv_name", "robot_toy.csv", "--output_dir", out, "--resolution", "64", "--eta", "nan",
+                      check=False)
+    assert script_status(launched) == 2
+    assert "--eta" in error_line(launched)
+    assert not out.exists()
 
 
 def test_extractor_lora_matters_and_base_mode_ignores_it(tiny_sd35_path, extractors, tmp_path):
@@ -165,8 +153,15 @@ def test_lambda_logged(tiny_sd35_path, extractors, tmp_path, mode):
     assert len(lambdas) == 3
     if mode == "fixed":
         assert lambdas == [pytest.approx(0.7, abs=1e-7)] * 3
+        assert all(h["lambda_at_min"] == h["lambda_at_max"] == 0.0 for h in history)
     else:
         assert all(0.01 - 1e-7 <= lam <= 0.2 + 1e-7 for lam in lambdas), lambdas
+        # batch 1: lambda* is either inside the range or at exactly one bound, and the fractions say which
+        for h in history:
+            at_bound = h["lambda_at_min"] + h["lambda_at_max"]
+            assert at_bound in (0.0, 1.0)
+            assert (h["lambda"] == pytest.approx(0.01, abs=1e-7)) == (h["lambda_at_min"] == 1.0)
+            assert (h["lambda"] == pytest.approx(0.2, abs=1e-7)) == (h["lambda_at_max"] == 1.0)
     assert all(h["loss"] == pytest.approx(h["diff_loss"] + 2.0 * h["pri_loss"], rel=1e-5) for h in history)
 
 
@@ -176,19 +171,20 @@ def test_original_branch_gradient(tiny_sd35_path, extractors, tmp_path, monkeypa
     seen = []
     real_loss = stage2.purecc_loss
 
-    def spy(v, v_base, e_cond, e_uncond, *args, **kwargs):
-        seen.append((v.requires_grad, v_base.requires_grad, e_cond.requires_grad, e_uncond.requires_grad))
-        return real_loss(v, v_base, e_cond, e_uncond, *args, **kwargs)
+    def spy(v, v_base, delta, *args, **kwargs):
+        seen.append((v.requires_grad, v_base.requires_grad, delta.requires_grad))
+        return real_loss(v, v_base, delta, *args, **kwargs)
 
     monkeypatch.setattr(stage2, "purecc_loss", spy)
     run_stage2(tiny_sd35_path, tmp_path, "--extractor_lora", str(extractors[0]), "--original_branch", branch, steps=1)
-    assert seen == [(True, branch == "trainable", False, False)]
+    assert seen == [(True, branch == "trainable", False)]
 
 
 def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, tmp_path):
     out = tmp_path / "output"
     result = run_python("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path",
-                        "data", "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "2")
+                        "data", "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "2",
+                        "--resolution", "64")
     assert result.returncode == 2
     assert str(out / "base_ckpt" / "robot_toy") in result.stderr
     assert "train_stage1_sd3.py" in result.stderr and "Traceback" not in result.stderr

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launch import REPO_ROOT
+from helpers import REPO_ROOT
 from PIL import Image
 
 import train_stage1_sd3 as stage1

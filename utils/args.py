@@ -1,16 +1,18 @@
-"""Command-line flags shared by both stages (the diffusers DreamBooth-LoRA-SD3 interface) and their checks.
+"""Command-line flags shared by both stages (the diffusers DreamBooth-LoRA-SD3 interface), their checks, and the
+values derived from them once, right after parsing.
 
-Every check here runs before any model is loaded and before anything is written, and raises one
-``ArgumentError``-style message naming the flag and what to do."""
+``args`` is read, never written, after ``parse_args``: whatever a run derives (its output folder, the extractor
+folder, the checkpoint to resume, the step schedule) lives in a frozen ``RunConfig`` or ``Schedule`` instead.
+"""
 
 from __future__ import annotations
 
-import os
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-
-class BadInput(ValueError):
-    """A user input problem, reported before any work starts."""
+from .checks import (BadInput, check_model_folder, check_resolution, check_writable_folder, require,
+                     require_non_negative, require_positive)
 
 
 def add_model_args(p):
@@ -23,7 +25,7 @@ def add_model_args(p):
 def add_data_args(p):
     p.add_argument("--data_path", default=None, help="Folder holding the concept CSV(s); relative image paths "
                    "resolve against it first, then against the working directory.")
-    p.add_argument("--csv_name", default=None, help="Concept CSV under --data_path (method.md section 1).")
+    p.add_argument("--csv_name", default=None, help="Concept CSV under --data_path (docs/method.md section 1).")
     p.add_argument("--class_data_dir", default=None)
     p.add_argument("--class_prompt", default=None)
     p.add_argument("--with_prior_preservation", action="store_true")
@@ -81,7 +83,7 @@ def add_flow_matching_args(p, precondition_default: int):
     p.add_argument("--logit_std", type=float, default=1.0)
     p.add_argument("--mode_scale", type=float, default=1.29)
     p.add_argument("--precondition_outputs", type=int, default=precondition_default, choices=[0, 1],
-                   help="1: EDM-style x0 prediction and target (method.md section 3).")
+                   help="1: EDM-style x0 prediction and target (docs/method.md section 3).")
 
 
 def add_run_args(p, output_dir_default: str):
@@ -107,55 +109,64 @@ def add_shared_args(p, *, learning_rate: float, precondition_default: int, outpu
     add_run_args(p, output_dir_default)
 
 
-def _require(condition: bool, message: str):
-    if not condition:
-        raise BadInput(message)
-
-
-def check_model_folder(path: str) -> None:
-    """A local folder must look like a diffusers SD3 pipeline; anything else is left to from_pretrained (hub id)."""
-    local = Path(path)
-    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if not looks_local:
-        return
-    _require(local.is_dir(), f"--pretrained_model_name_or_path {path}: no such folder. Point it at a local "
-             "SD3/SD3.5 diffusers folder (see README: download) or build the tiny one: python -m utils.tiny_sd3 DIR")
-    missing = [name for name in ("model_index.json", "transformer", "vae", "scheduler") if not (local / name).exists()]
-    _require(not missing, f"--pretrained_model_name_or_path {path} is not a diffusers SD3 folder: missing "
-             f"{', '.join(missing)}.")
-
-
 def check_shared_args(args) -> None:
-    """Flag combinations and values that are wrong whatever the data."""
+    """Flag values and combinations that are wrong whatever the data."""
     check_model_folder(args.pretrained_model_name_or_path)
-    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "rank", "repeats",
-                 "checkpointing_steps", "num_train_epochs", "max_sequence_length"):
-        _require(getattr(args, flag) > 0, f"--{flag} must be positive, got {getattr(args, flag)}.")
-    _require(args.max_train_steps is None or args.max_train_steps > 0,
-             f"--max_train_steps must be positive, got {args.max_train_steps}.")
-    _require(args.learning_rate > 0, f"--learning_rate must be positive, got {args.learning_rate}.")
-    _require(0.0 <= args.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
-    _require(args.checkpoints_total_limit is None or args.checkpoints_total_limit > 0,
-             f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
+    require_positive(args, "resolution", "train_batch_size", "gradient_accumulation_steps", "rank", "repeats",
+                     "checkpointing_steps", "num_train_epochs", "max_sequence_length", "learning_rate")
+    if args.max_train_steps is not None:
+        require_positive(args, "max_train_steps")
+    require_non_negative(args, "max_grad_norm", "adam_weight_decay", "prior_loss_weight", "lr_warmup_steps")
+    require(0.0 <= args.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
+    require(args.checkpoints_total_limit is None or args.checkpoints_total_limit > 0,
+            f"--checkpoints_total_limit must be positive, got {args.checkpoints_total_limit}.")
     if args.lora_blocks:
         try:
             [int(b) for b in args.lora_blocks.split(",") if b.strip()]
         except ValueError:
             raise BadInput(f'--lora_blocks {args.lora_blocks!r}: expected comma-separated integers such as "0,1".')
-    _require(args.max_sequence_length <= 512, f"--max_sequence_length must be <= 512 (T5), got {args.max_sequence_length}.")
+    require(args.max_sequence_length <= 512, f"--max_sequence_length must be <= 512 (T5), got {args.max_sequence_length}.")
     if args.with_prior_preservation:
-        _require(args.class_data_dir is not None, "--with_prior_preservation needs --class_data_dir.")
-        _require(args.class_prompt is not None, "--with_prior_preservation needs --class_prompt.")
-    _require(args.report_to in ("tensorboard", "none"), f'--report_to must be "tensorboard" or "none", got {args.report_to}.')
+        require(args.class_data_dir is not None, "--with_prior_preservation needs --class_data_dir.")
+        require(args.class_prompt is not None, "--with_prior_preservation needs --class_prompt.")
+    require(args.report_to in ("tensorboard", "none"), f'--report_to must be "tensorboard" or "none", got {args.report_to}.')
     if (args.data_path is None) != (args.csv_name is None):
         raise BadInput("--data_path and --csv_name go together: give both (the CSV is <data_path>/<csv_name>).")
-    out = Path(args.output_dir)
-    _require(not out.exists() or out.is_dir(), f"--output_dir {out} exists and is not a folder.")
-    _require(os.access(_first_existing_parent(out), os.W_OK), f"--output_dir {out} is not writable.")
+    check_resolution(args.pretrained_model_name_or_path, args.resolution)
+    check_writable_folder(args.output_dir, "--output_dir")
 
 
-def _first_existing_parent(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists():
-        path = path.parent
-    return path
+# ----------------------------------------------------------------------------------------------- derived values
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run derives from its flags before loading any model."""
+
+    output_dir: Path               # where this run writes (stage 2: <--output_dir>/<csv stem>)
+    resume_dir: Path | None        # the checkpoint to resume from, None to start fresh
+    extractor_dir: Path | None = None  # stage 2: the stage-1 LoRA (None for --extractor_mode base)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Optimizer steps and epochs of a run, counted on the dataloader each process really iterates."""
+
+    max_train_steps: int
+    num_train_epochs: int
+    batches_per_epoch: int  # per process, after accelerate shards the data
+    updates_per_epoch: int  # optimizer steps per epoch: ceil(batches_per_epoch / gradient_accumulation_steps)
+
+
+def batches_per_process(num_examples: int, batch_size: int, num_processes: int) -> int:
+    """Batches each process iterates per epoch: accelerate splits ceil(N / batch) batches over the processes and
+    pads the last round (even_batches), so every process sees ceil(batches / processes)."""
+    return math.ceil(math.ceil(num_examples / batch_size) / num_processes)
+
+
+def resolve_schedule(args, num_examples: int, num_processes: int) -> Schedule:
+    """--max_train_steps (or --num_train_epochs) in optimizer steps, the diffusers convention, computed on the sharded
+    dataloader: a 2-process run asked for N steps does N steps."""
+    batches = batches_per_process(num_examples, args.train_batch_size, num_processes)
+    updates = math.ceil(batches / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates
+    return Schedule(max_train_steps=max_steps, num_train_epochs=math.ceil(max_steps / updates),
+                    batches_per_epoch=batches, updates_per_epoch=updates)

@@ -1,24 +1,22 @@
-"""Data loading for both training stages: instance folders, concept CSVs (method.md section 1), image
-preprocessing and the training dataset.
+"""Files -> items: instance folders, concept CSVs (docs/method.md section 1) and image files read as RGB.
 
 Every check on user data runs here, before any model is loaded, and fails with one ``BadInput`` (a
-``ValueError``) naming the file, row or column and what to do. No torchvision: preprocessing is PIL + numpy.
+``ValueError``) naming the file, row or column and what to do. Turning items into training batches is
+``utils/dataset.py``'s job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageOps
 
-from .args import BadInput
+from .checks import BadInput
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CSV_COLUMNS = ("image_path", "prompt", "target_prompt", "base_prompt", "instance_word")
@@ -117,95 +115,31 @@ def _resolve_image(cell: str, data_path, csv_path: Path, number: int) -> Path:
     return found
 
 
-def load_image(path, resolution: int, center_crop: bool, flip: bool, rng: random.Random | None) -> torch.Tensor:
-    """[3, resolution, resolution] float32 in [-1, 1]: EXIF-transposed, RGB, short side resized (Lanczos) to
-    ``resolution``, cropped (centre, or at an offset drawn from ``rng``), mirrored if ``flip``."""
-    if not center_crop and rng is None:
-        raise ValueError("load_image: a random crop needs rng (a random.Random); pass one or center_crop=True.")
+def open_rgb(path) -> Image.Image:
+    """An image file as 8-bit RGB, whatever mode PIL opens it in, EXIF rotation applied.
+
+    ``Image.convert("RGB")`` alone gets several modes wrong: 16-bit greyscale (I;16, and I as older PNG readers give
+    it) saturates to white, and float images (F) to black or white. Here 16- and 32-bit integer images are scaled
+    from 0..65535, float images from 0..1, and images with transparency (RGBA, LA, PA, P with a transparent colour)
+    are laid over white instead of having their hidden colour channels exposed. CMYK, YCbCr, 1 and L go through
+    PIL's own conversion, which is exact for them."""
     with Image.open(path) as opened:
         # camera pictures store their rotation in EXIF: apply it so the model sees the upright picture
-        image = ImageOps.exif_transpose(opened).convert("RGB")
-    image = resize_short_side(image, resolution)
-    image = crop_square(image, resolution, center_crop, rng)
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # [0, 255] -> [-1, 1], as ToTensor + Normalize(0.5)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-
-
-def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
-    width, height = image.size
-    scale = resolution / min(width, height)
-    # max() keeps rounding from leaving the short side a pixel under the crop size
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    return image.resize(size, Image.Resampling.LANCZOS) if size != image.size else image
-
-
-def crop_square(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random | None) -> Image.Image:
-    spare_x, spare_y = image.width - resolution, image.height - resolution
-    if center_crop:
-        left, top = spare_x // 2, spare_y // 2
-    else:
-        left, top = rng.randint(0, spare_x), rng.randint(0, spare_y)
-    return image.crop((left, top, left + resolution, top + resolution))
-
-
-class ConceptDataset(torch.utils.data.Dataset):
-    """Items (``image_path`` + string prompt fields) as training examples, ``repeats`` times over.
-
-    Augmentation for example ``i`` comes from a ``random.Random`` seeded by (seed, epoch, i) alone, so it is the
-    same in every process and dataloader worker and after a resume, whatever was drawn before."""
-
-    def __init__(self, items: list[dict], resolution: int, center_crop: bool = False, random_flip: bool = False,
-                 repeats: int = 1, seed: int = 0):
-        if not items:
-            raise ValueError("ConceptDataset needs at least one item (a dict with 'image_path').")
-        if repeats < 1:
-            raise ValueError(f"ConceptDataset repeats must be >= 1, got {repeats}.")
-        for number, item in enumerate(items):
-            if "image_path" not in item:
-                raise ValueError(f"ConceptDataset item {number} has no 'image_path' (keys: {sorted(item)}).")
-        self.items = [dict(item, image_path=Path(item["image_path"])) for item in items]
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.repeats = repeats
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items) * self.repeats
-
-    def example_rng(self, index: int) -> random.Random:
-        # a string seed is hashed with sha512 by random.Random: stable across processes (no PYTHONHASHSEED)
-        return random.Random(f"{self.seed}:{self.epoch}:{index}")
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"ConceptDataset index {index} out of range 0..{len(self) - 1}")
-        image_index = index % len(self.items)
-        item = self.items[image_index]
-        rng = self.example_rng(index)
-        flip = self.random_flip and rng.random() < 0.5
-        pixels = load_image(item["image_path"], self.resolution, self.center_crop, flip, rng)
-        strings = {key: value for key, value in item.items() if isinstance(value, str)}
-        # image_index keys the latent cache: by image, never by step, so a shuffled loader stays paired
-        return {"pixel_values": pixels, "image_index": image_index, **strings}
-
-
-def collate_examples(examples: list[dict]) -> dict:
-    """A batch: stacked float32 pixels, image indices as a LongTensor, each string field as a list of str."""
-    batch = {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).to(torch.float32).contiguous(),
-        "image_index": torch.tensor([e["image_index"] for e in examples], dtype=torch.long),
-    }
-    for key, value in examples[0].items():
-        if isinstance(value, str):
-            batch[key] = [e[key] for e in examples]
-    return batch
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    if image.mode.startswith("I"):  # I, I;16, I;16B, I;16L, I;16N: 16-bit greyscale
+        values = np.asarray(image, dtype=np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64) * 255.0
+        image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert("RGB")
 
 
 def rows_to_items(rows: list[ConceptRow]) -> list[dict]:

@@ -1,20 +1,20 @@
-"""Rectified-flow step maths shared by stage 1 and stage 2 (method.md section 3).
+"""Rectified-flow step maths shared by stage 1 and stage 2 (docs/method.md section 3).
 
 SD3 trains with rectified flow: x_t = (1 - sigma) * x0 + sigma * noise, and the network predicts the velocity
-u = noise - x0. Both stages draw timesteps, noise latents and weight the loss the same way, so every formula
-lives here once. The PureCC objective (paper Eq. 9, utils/purecc_loss.py) reuses `weighted_mse` so that
-L_diff and L_pure are measured by exactly the same norm.
-
-The diffusers helpers are imported inside the functions that use them: `diffusers.training_utils` costs ~4 s
-to import, and the pure tensor functions here (and the PureCC loss built on them) should not pay for it.
+u = noise - x0. Both stages draw noise and timesteps with one helper (``add_noise``: Algorithm 1, lines 9-10) and
+weight the loss the same way, so every formula lives here once. The PureCC objective (paper Eqs. 13-15,
+utils/purecc_loss.py) reuses `weighted_mse` so that L_diff and L_pure are measured by exactly the same norm.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -47,8 +47,6 @@ def sample_timesteps(
     schedule, and indexing it would silently give the wrong sigmas. Sigmas are taken at the same indices as the
     timesteps, which is what the diffusers recipe's timestep->sigma lookup amounts to, without the search.
     """
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
     num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
     if len(noise_scheduler.timesteps) != num_train_timesteps or len(noise_scheduler.sigmas) < num_train_timesteps:
         raise ValueError(
@@ -112,8 +110,6 @@ def loss_weights(weighting_scheme: str, sigmas: torch.Tensor, ndim: int = 4) -> 
     Only "sigma_sqrt" (1/sigma^2) and "cosmap" weight; every other scheme ("logit_normal", "mode", "none")
     is uniform, its effect being in where the timesteps are drawn instead.
     """
-    from diffusers.training_utils import compute_loss_weighting_for_sd3
-
     flat = sigmas.reshape(-1)
     weights = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=flat)
     return expand_sigmas(weights, ndim)
@@ -138,7 +134,7 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[tor
     """mse_w(a, b) = mean over batch of (mean over elements of w * (a - b)^2), a float32 scalar.
 
     Upcast first: squared differences of bf16 predictions lose most of their mantissa. This is the one norm
-    both terms of the PureCC loss (Eq. 9) use.
+    both terms of the PureCC loss (Eqs. 14-15) use.
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
@@ -147,19 +143,48 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: Optional[tor
     return err.reshape(pred.shape[0], -1).mean(dim=1).mean()
 
 
-def flow_matching_loss(
-    pred: torch.Tensor,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    x_t: torch.Tensor,
-    sigmas: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    precondition_outputs: bool,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class Noised:
+    """One batch on the rectified-flow path: clean latents, the noise, x_t, the timesteps and sigmas drawn for
+    them, and the per-sample loss weights w(sigma)."""
+
+    x0: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    timesteps: torch.Tensor
+    sigmas: torch.Tensor
+    weights: torch.Tensor
+
+    def repeat(self, times: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, timesteps) stacked ``times`` over: one forward pass for several prompts at the same x_t and t."""
+        return self.x_t.repeat(times, *([1] * (self.x_t.ndim - 1))), self.timesteps.repeat(times)
+
+
+def add_noise(x0: torch.Tensor, noise_scheduler, args, generator: torch.Generator) -> Noised:
+    """Algorithm 1, lines 9-10: noise ~ N(0, I), then a timestep per sample (--weighting_scheme, --logit_mean,
+    --logit_std, --mode_scale), then x_t. Both stages call this for the instance batch and, separately, for the
+    class sub-batch of prior preservation: every image gets its own noise and timestep."""
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    timesteps, sigmas = sample_timesteps(noise_scheduler, x0.shape[0], args.weighting_scheme, args.logit_mean,
+                                         args.logit_std, args.mode_scale, x0.device, generator=generator)
+    return Noised(x0=x0, noise=noise, x_t=noisy_latents(x0, noise, sigmas), timesteps=timesteps, sigmas=sigmas,
+                  weights=loss_weights(args.weighting_scheme, sigmas, x0.ndim))
+
+
+def prediction_space(pred: torch.Tensor, noised: Noised, precondition_outputs: bool) -> torch.Tensor:
+    """A velocity prediction in the space the loss compares in: itself, or x0_hat = x_t - sigma * v."""
+    return precondition_to_x0(pred, noised.x_t, noised.sigmas) if precondition_outputs else pred
+
+
+def flow_target(noised: Noised, precondition_outputs: bool) -> torch.Tensor:
+    """What a prediction is compared with: the velocity noise - x0, or x0 itself when preconditioned."""
+    return noised.x0 if precondition_outputs else velocity_target(noised.x0, noised.noise)
+
+
+def flow_matching_loss(pred: torch.Tensor, noised: Noised, precondition_outputs: bool) -> torch.Tensor:
     """The stage-1 loss: velocity vs. noise - x0, or (preconditioned) x0_hat = x_t - sigma * v vs. x0."""
-    if precondition_outputs:
-        return weighted_mse(precondition_to_x0(pred, x_t, sigmas), x0, weights)
-    return weighted_mse(pred, velocity_target(x0, noise), weights)
+    return weighted_mse(prediction_space(pred, noised, precondition_outputs), flow_target(noised, precondition_outputs),
+                        noised.weights)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -196,7 +221,5 @@ def latents_from_distribution(
     Caching the posterior rather than one sample keeps the per-step sampling noise of the uncached path.
     """
     if isinstance(latent_dist_or_params, torch.Tensor):
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
         latent_dist_or_params = DiagonalGaussianDistribution(latent_dist_or_params)
     return scale_latents(latent_dist_or_params.sample(generator=generator), vae_config)

@@ -1,7 +1,7 @@
 """LoRA setup and I/O: the one place that decides target modules, adds/activates named adapters and reads and
-writes both on-disk formats (method.md section 6).
+writes both on-disk formats (docs/method.md section 6), for final outputs and checkpoints alike.
 
-Formats (the two do not interoperate by themselves, see pitfalls.md):
+Formats (the two do not interoperate by themselves):
 - diffusers: ``pytorch_lora_weights.safetensors``, keys ``transformer.<module>.lora_A.weight`` (and
   ``text_encoder.`` / ``text_encoder_2.`` when CLIP LoRAs are trained), the LoraConfig packed into the safetensors
   metadata so alpha survives; loads with ``StableDiffusion3Pipeline.load_lora_weights(dir)``.
@@ -15,11 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -53,16 +54,17 @@ def make_lora_config(rank: int, target_modules, dropout: float = 0.0) -> LoraCon
                       target_modules=list(target_modules))
 
 
+def transformer_lora_config(args) -> LoraConfig:
+    """The transformer LoRA of a run: --rank, --lora_layers, --lora_blocks, --lora_dropout."""
+    return make_lora_config(args.rank, transformer_target_modules(args.lora_layers, args.lora_blocks), args.lora_dropout)
+
+
 def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Add a new adapter to a diffusers model (``add_adapter``) or a transformers model (the CLIP encoders).
 
     transformers 5.24's ``add_adapter`` refuses peft < 0.22 (we pin 0.21.2), so a transformers model gets the
     same LoRA layers from peft's ``inject_adapter_in_model`` directly (it also sets ``model.peft_config``)."""
-    from transformers import PreTrainedModel
-
     if isinstance(model, PreTrainedModel):
-        from peft import inject_adapter_in_model
-
         if adapter_name in getattr(model, "peft_config", {}):
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         inject_adapter_in_model(config, model, adapter_name)
@@ -89,7 +91,7 @@ def activate_adapter(model: torch.nn.Module, adapter_name: str, trainable: bool)
     peft's set_adapter marks the activated adapter trainable unless ``inference_mode``; the others frozen. So
     activating the frozen extractor passes ``trainable=False`` and the trainable adapter is re-activated (and
     thereby re-marked trainable) *before* backward: switching after the forward pass silently zeroes its
-    gradients (pitfalls.md)."""
+    gradients."""
     for layer in tuner_layers(model):
         layer.set_adapter(adapter_name, inference_mode=not trainable)
 
@@ -194,10 +196,33 @@ def lora_config_from_dict(config_dict: dict) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
+def write_trainable_lora(output_dir, lora_parts: dict, base_model_name_or_path: str) -> None:
+    """Save the trainable LoRA(s) of a run in both formats. ``lora_parts`` maps a component ("transformer",
+    "text_encoder", "text_encoder_2") to (unwrapped model, adapter name); each adapter's LoraConfig is its own
+    ``peft_config`` entry."""
+    transformer, adapter_name = lora_parts["transformer"]
+    text_encoder_states = {component: (adapter_state_dict(model, name), model.peft_config[name])
+                           for component, (model, name) in lora_parts.items() if component != "transformer"}
+    save_lora_both_formats(output_dir, adapter_state_dict(transformer, adapter_name), transformer.peft_config[adapter_name],
+                           text_encoder_states=text_encoder_states, base_model_name_or_path=base_model_name_or_path)
+
+
+def load_trainable_lora(input_dir, lora_parts: dict) -> None:
+    """Put the LoRA tensors of a folder written by ``write_trainable_lora`` back into the run's adapters (resume)."""
+    tensors = load_file(str(Path(input_dir) / DIFFUSERS_WEIGHT_NAME))
+    for component, (model, adapter_name) in lora_parts.items():
+        prefix = f"{component}."
+        state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"checkpoint {input_dir} does not match this run's LoRA layout "
+                             f"(e.g. {result.unexpected_keys[:2]}): resume with the same --rank/--lora_* flags.")
+
+
 def load_lora_as_adapter(model: torch.nn.Module, lora_dir, adapter_name: str, trainable: bool = False) -> LoraConfig:
     """Add the LoRA of ``lora_dir`` (either format) to ``model`` as a named adapter; frozen unless ``trainable``.
 
-    An adapter added this way starts trainable (pitfalls.md): freeze it explicitly."""
+    An adapter added this way starts trainable: it is frozen here unless asked otherwise."""
     state, config = read_transformer_lora(lora_dir)
     add_lora(model, config, adapter_name)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)

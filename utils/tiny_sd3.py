@@ -28,6 +28,13 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import diffusers
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
 VARIANTS = ("sd3", "sd35")
 CLIP_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -52,6 +59,7 @@ city street road house room kitchen garden park field grass flower flowers tree 
 water fire stone rock sand wall floor background front behind top under inside outside near next
 sks zwx ohwx concept token subject object scene light lighting shadow sunset sunrise morning evening
 made wearing holding riding next top bottom left right center middle side one two three four five
+square circle triangle cross
 """.split()
 
 
@@ -108,7 +116,7 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_clip_tokenizer(folder: Path, pad_token: str) -> dict[str, int]:
+def _write_clip_tokenizer(folder: Path, pad_token: str, max_length: int = CLIP_MAX_LENGTH) -> dict[str, int]:
     """OpenAI CLIP layout: 256 byte symbols, their "</w>" forms, merged symbols, then the two specials."""
     folder.mkdir(parents=True, exist_ok=True)
     b2u = _bytes_to_unicode()
@@ -138,7 +146,7 @@ def _write_clip_tokenizer(folder: Path, pad_token: str) -> dict[str, int]:
         {
             **special,
             "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": CLIP_MAX_LENGTH,
+            "model_max_length": max_length,
             "do_lower_case": True,
             "clean_up_tokenization_spaces": False,
             "errors": "replace",
@@ -169,10 +177,6 @@ def _t5_pieces() -> list[tuple[str, float]]:
 
 
 def _write_t5_tokenizer(folder: Path) -> int:
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import Unigram
-    from transformers import T5TokenizerFast
-
     pieces = _t5_pieces()
     tok = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
@@ -263,29 +267,17 @@ def _variant_config(variant: str) -> dict:
 
 # ----------------------------------------------------------------------------------------------- builder
 def _seed(seed: int, offset: int) -> None:
-    import torch
-
     torch.manual_seed(seed * 1000 + offset)
 
 
-def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
-    """Write a tiny random-weight SD3 pipeline folder to ``out_dir`` (replaced if it exists); return its Path."""
-    import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
+def write_text_encoders(out: Path, variant: str = "sd35", seed: int = 0, clip_max_length: int = CLIP_MAX_LENGTH) -> dict:
+    """The tiny tokenizers and text encoders of a variant into ``out`` (tokenizer*/, text_encoder*/); returns the
+    model_index.json entries they need. ``clip_max_length`` is the CLIP tokenizers' padded length (the weights keep
+    77 positions, so a shorter length only shortens the sequence)."""
     cfg = _variant_config(variant)
-    out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-
-    # Tokenizers. tokenizer (CLIP-L) pads with <|endoftext|>, tokenizer_2 (CLIP-G) pads with "!" like SD3.
-    ids_1 = _write_clip_tokenizer(out / "tokenizer", pad_token=EOS_TOKEN)
-    ids_2 = _write_clip_tokenizer(out / "tokenizer_2", pad_token="!")
-    t5_vocab = _write_t5_tokenizer(out / "tokenizer_3")
-
-    # Text encoders.
+    # tokenizer (CLIP-L) pads with <|endoftext|>, tokenizer_2 (CLIP-G) pads with "!" like SD3.
+    ids_1 = _write_clip_tokenizer(out / "tokenizer", pad_token=EOS_TOKEN, max_length=clip_max_length)
+    ids_2 = _write_clip_tokenizer(out / "tokenizer_2", pad_token="!", max_length=clip_max_length)
     for i, (sub, ids, dims) in enumerate(
         [("text_encoder", ids_1, cfg["clip_l"]), ("text_encoder_2", ids_2, cfg["clip_g"])]
     ):
@@ -304,7 +296,7 @@ def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
             pad_token_id=ids["pad"],
         )
         CLIPTextModelWithProjection(clip_cfg).eval().save_pretrained(out / sub, safe_serialization=True)
-
+    t5_vocab = _write_t5_tokenizer(out / "tokenizer_3")
     _seed(seed, 3)
     t5_cfg = T5Config(
         vocab_size=t5_vocab,
@@ -323,6 +315,33 @@ def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
         decoder_start_token_id=0,
     )
     T5EncoderModel(t5_cfg).eval().save_pretrained(out / "text_encoder_3", safe_serialization=True)
+    return {
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"],
+    }
+
+
+def write_model_index(out: Path, components: dict) -> None:
+    """model_index.json of a StableDiffusion3Pipeline folder with the given component entries."""
+    _write_json(out / "model_index.json", {"_class_name": "StableDiffusion3Pipeline",
+                                           "_diffusers_version": diffusers.__version__,
+                                           "feature_extractor": [None, None], "image_encoder": [None, None],
+                                           **components})
+
+
+def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
+    """Write a tiny random-weight SD3 pipeline folder to ``out_dir`` (replaced if it exists); return its Path."""
+    cfg = _variant_config(variant)
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+    components = write_text_encoders(out, variant, seed)
 
     _seed(seed, 4)
     SD3Transformer2DModel(**cfg["transformer"]).save_pretrained(out / "transformer", safe_serialization=True)
@@ -334,24 +353,9 @@ def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
 
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(out / "scheduler")
 
-    _write_json(
-        out / "model_index.json",
-        {
-            "_class_name": "StableDiffusion3Pipeline",
-            "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "text_encoder_3": ["transformers", "T5EncoderModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "tokenizer_3": ["transformers", "T5TokenizerFast"],
-            "transformer": ["diffusers", "SD3Transformer2DModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
+    write_model_index(out, {**components, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                            "transformer": ["diffusers", "SD3Transformer2DModel"],
+                            "vae": ["diffusers", "AutoencoderKL"]})
     return out
 
 

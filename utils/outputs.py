@@ -1,0 +1,89 @@
+"""What a training run writes besides checkpoints: validation images, the final LoRA and its model card.
+
+Validation renders through its own copy of the noise scheduler: an inference pipeline sets the scheduler's
+timesteps, and the training scheduler must keep its training schedule (utils.flow_matching.sample_timesteps). It
+also draws only from its own generators, so training with validation gives the same LoRA as training without.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+from .args import RunConfig
+from .lora import write_trainable_lora
+
+
+def pipeline_without_text_encoders(transformer, vae, noise_scheduler) -> StableDiffusion3Pipeline:
+    """Inference pipeline over the training models, with a scheduler of its own; prompts come in as cached
+    embeddings."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+    return StableDiffusion3Pipeline(transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None,
+                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
+                                    tokenizer_3=None)
+
+
+def render_images(pipe, prompt_cache, prompt: str, num_images: int, seed: int, resolution: int, steps: int,
+                  guidance_scale: float = 7.0):
+    device = pipe.transformer.device
+    dtype = pipe.transformer.dtype
+    embeds, pooled = prompt_cache.lookup([prompt], device, dtype)
+    negative, negative_pooled = prompt_cache.lookup([""], device, dtype)
+    images = []
+    with torch.no_grad():
+        for index in range(num_images):
+            generator = torch.Generator(device="cpu").manual_seed(seed + index)
+            images += pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+                           negative_pooled_prompt_embeds=negative_pooled, height=resolution, width=resolution,
+                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images
+    return images
+
+
+def log_validation(accelerator, pipe, prompt_cache, args, output_dir: Path, step: int, tag: str = "validation"):
+    """Render --num_validation_images for --validation_prompt, save PNGs and send them to tensorboard."""
+    images = render_images(pipe, prompt_cache, args.validation_prompt, args.num_validation_images, args.seed,
+                           args.resolution, args.validation_steps)
+    out_dir = output_dir / "validation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        image.save(out_dir / f"{tag}-{step:06d}-{index}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(im) for im in images]), step, dataformats="NHWC")
+    return images
+
+
+def make_validator(args, run: RunConfig, accelerator, transformer, vae, noise_scheduler, prompt_cache):
+    """``validate(epoch, step, final=False)``: images of --validation_prompt every --validation_epochs, and at the end."""
+
+    def validate(epoch, step, final=False):
+        due = final or (epoch + 1) % args.validation_epochs == 0
+        if args.validation_prompt and accelerator.is_main_process and due:
+            pipe = pipeline_without_text_encoders(transformer, vae, noise_scheduler)
+            log_validation(accelerator, pipe, prompt_cache, args, run.output_dir, step,
+                           tag="final" if final else "validation")
+
+    return validate
+
+
+def write_model_card(out_dir, title: str, base_model: str, fields: dict, usage: str) -> None:
+    lines = [f"# {title}", "", f"LoRA for `{base_model}` (SD3 transformer).", "", "| setting | value |",
+             "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in fields.items()]
+    lines += ["", "## Use", "", "```python", usage.strip(), "```", ""]
+    (Path(out_dir) / "README.md").write_text("\n".join(lines))
+
+
+def finish_run(args, run: RunConfig, accelerator, lora_parts: dict, card_title: str, card_fields: dict, usage: str,
+               validate, step: int, last_epoch: int) -> None:
+    """Write the final LoRA (both formats) and model card, render final validation images, close trackers."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_trainable_lora(run.output_dir, lora_parts, args.pretrained_model_name_or_path)
+        write_model_card(run.output_dir, card_title, args.pretrained_model_name_or_path, card_fields, usage)
+        validate(last_epoch, step, final=True)
+        accelerator.print(f"LoRA saved to {run.output_dir}")
+    accelerator.end_training()

@@ -25,7 +25,7 @@ from utils.data import read_concept_csv
 from utils.dataset import load_image
 from utils.flow_matching import noisy_latents, scale_latents, velocity_target, weighted_mse
 from utils.lora import activate_adapter, adapters_disabled, load_lora_as_adapter, lora_format
-from utils.prompts import PromptCache, load_text_pipeline
+from utils.prompts import PromptEncoder, load_text_pipeline
 from utils.training import transformer_velocity
 
 GENERIC_PROMPTS = ("a photo of a dog on the grass", "a red car parked on a city street", "a bowl of fruit on a table",
@@ -124,7 +124,9 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
     text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, dtype=dtype)
-    prompt_cache = PromptCache(text_pipe, [r.prompt for r in rows] + preservation, device, args.max_sequence_length)
+    encoder = PromptEncoder(text_pipe, [r.prompt for r in rows] + preservation, device, args.max_sequence_length)
+    prompt_cache = encoder.cache()
+    encoder.close()
     path = args.pretrained_model_name_or_path
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device)

@@ -3,7 +3,7 @@
     python infer.py --pretrained_model_name_or_path SD3.5 --lora output/robot_toy \
         --prompt "a photo of [v] on the moon" --instance_word "sks robot toy" --compare_base
 
-The LoRA folder may hold either of our formats (method.md section 6): the diffusers file is loaded with
+The LoRA folder may hold either of our formats (docs/method.md section 6): the diffusers file is loaded with
 ``pipe.load_lora_weights`` (text-encoder LoRAs included), a PEFT-only folder as a named adapter on the transformer.
 Image j of every prompt uses the generator seed ``--seed + j``, for the LoRA and for the base model alike, so the two
 see identical noise. Outputs in --output_dir: one PNG + sidecar JSON per image, ``grid.png`` (one row per prompt), and
@@ -138,7 +138,7 @@ def load_lora(pipe, lora_dir: str, scale: float) -> None:
     from utils.lora import load_lora_as_adapter
 
     if lora_format(lora_dir) == "diffusers":
-        # weight_name explicit: offline diffusers does not guess it (pitfalls.md); alpha comes from the metadata.
+        # weight_name explicit: offline diffusers does not guess it; alpha comes from the metadata.
         # Text-encoder LoRAs (stage 1 --train_text_encoder) load too; their absence is normal, not worth a warning.
         with dropped_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"):
             pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=ADAPTER)

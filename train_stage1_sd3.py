@@ -14,16 +14,16 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
-from utils.args import RunConfig, add_shared_args, check_shared_args
-from utils.checkpoint import resolve_resume
+from utils.args import RunConfig, add_shared_args, check_shared_args, report_check
+from utils.checkpoint import plan_run
 from utils.checks import BadInput, exit_on_error
 from utils.data import folder_to_items, list_instance_images, read_concept_csv, rows_to_items
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss
 from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config
 from utils.outputs import finish_run, make_validator
-from utils.prompts import encode_prompts_once
-from utils.training import (load_diffusion_parts, make_accelerator, predict, prepare_training, scaled_learning_rate,
+from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
+from utils.training import (load_diffusion_parts, start_run, predict, prepare_training, scaled_learning_rate,
                             train_loop, trainable_to_fp32, weight_dtype_of)
 
 ADAPTER = "default"
@@ -59,8 +59,7 @@ def check_inputs(args) -> tuple[RunConfig, list[dict]]:
     """Every check, before any model is loaded: the run's folders and its training items."""
     check_shared_args(args)
     items = training_items(args)
-    output_dir = Path(args.output_dir)
-    return RunConfig(output_dir=output_dir, resume_dir=resolve_resume(output_dir, args.resume_from_checkpoint)), items
+    return plan_run(args, Path(args.output_dir), items, stage=1), items
 
 
 def add_text_encoder_loras(text_pipe, args) -> dict:
@@ -76,13 +75,17 @@ def add_text_encoder_loras(text_pipe, args) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     run, items = check_inputs(args)
-    accelerator = make_accelerator(args, run)
+    if args.check_only:
+        return report_check(run, items)
+    accelerator = start_run(args, run)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
     # Text: every prompt encoded once, then the encoders freed (CLIP stays only if it trains).
-    prompt_cache, text_pipe = encode_prompts_once(args, device, weight_dtype, [item["prompt"] for item in items],
-                                                  keep_clip_trainable=args.train_text_encoder)
+    encoder = PromptEncoder(load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
+                                               weight_dtype),
+                            run_prompts(args, [item["prompt"] for item in items]), device, args.max_sequence_length)
+    prompt_cache = encoder.trainable_cache() if args.train_text_encoder else encoder.cache()
 
     # Model: frozen base + one trainable LoRA (+ CLIP LoRAs with --train_text_encoder).
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
@@ -90,9 +93,11 @@ def main(argv=None):
     lora_parts = {"transformer": (transformer, ADAPTER)}
     param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
     if args.train_text_encoder:
-        lora_parts.update(add_text_encoder_loras(text_pipe, args))
-        param_groups.append({"params": trainable_to_fp32(text_pipe.text_encoder, text_pipe.text_encoder_2),
+        lora_parts.update(add_text_encoder_loras(encoder.pipe, args))
+        param_groups.append({"params": trainable_to_fp32(encoder.pipe.text_encoder, encoder.pipe.text_encoder_2),
                              "lr": args.text_encoder_lr})
+    else:
+        encoder.close()
     trainer = prepare_training(args, run, accelerator, lora_parts, param_groups, items, class_items, vae,
                                "purecc-stage1")
     precondition = bool(args.precondition_outputs)

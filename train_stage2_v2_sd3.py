@@ -12,24 +12,25 @@ One copy of the base transformer serves every branch: the trainable LoRA ("purec
 from __future__ import annotations
 
 import argparse
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from utils.args import RunConfig, add_shared_args, check_shared_args
-from utils.checkpoint import list_checkpoints, resolve_resume
+from utils.args import RunConfig, add_shared_args, check_shared_args, report_check
+from utils.checkpoint import list_checkpoints, plan_run
 from utils.checks import BadInput, exit_on_error, require, require_non_negative, require_not_nan
 from utils.data import read_concept_csv, rows_to_items
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
-from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter, lora_format,
-                        transformer_lora_config)
+from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
+                        load_text_encoder_loras, lora_format, lora_misfit, transformer_lora_config)
 from utils.outputs import finish_run, make_validator
-from utils.prompts import encode_prompts_once
+from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
-from utils.training import (load_diffusion_parts, make_accelerator, predict, prepare_training, scaled_learning_rate,
+from utils.training import (load_diffusion_parts, start_run, predict, prepare_training, scaled_learning_rate,
                             train_loop, trainable_to_fp32, weight_dtype_of)
 
 TRAINABLE, EXTRACTOR = "purecc", "extractor"
@@ -57,18 +58,28 @@ def parse_args(argv=None):
 
 def find_extractor(args, concept: str) -> Path:
     """The stage-1 LoRA: --extractor_lora, else <output_dir>/base_ckpt/<concept>: final weights, else the newest
-    checkpoint."""
+    checkpoint (with a warning: stage 1 has not finished). It must fit the base model."""
     root = Path(args.extractor_lora) if args.extractor_lora else Path(args.output_dir) / "base_ckpt" / concept
     if lora_format(root):
-        return root
-    checkpoints = [path for _, path in list_checkpoints(root) if lora_format(path)]
+        return checked_extractor(args, root)
+    checkpoints = [(step, path) for step, path in list_checkpoints(root) if lora_format(path)]
     if checkpoints:
-        return checkpoints[-1]
+        step, path = checkpoints[-1]
+        warnings.warn(f"{root} holds no final stage-1 LoRA: using its newest checkpoint, {path.name} (step {step}), "
+                      f"as the extractor. Finish stage 1 first if that is not what you want.", stacklevel=2)
+        return checked_extractor(args, path)
     raise BadInput(
         f"No stage-1 LoRA (the extractor) found in {root} (looked for final weights and checkpoint-N folders). "
         f"Train it first:\n  accelerate launch train_stage1_sd3.py --pretrained_model_name_or_path "
         f"{args.pretrained_model_name_or_path} --data_path {args.data_path} --csv_name {args.csv_name} "
         f"--output_dir {root} --rank {args.rank}\nor pass --extractor_lora PATH (or --extractor_mode base).")
+
+
+def checked_extractor(args, folder: Path) -> Path:
+    misfit = lora_misfit(folder, args.pretrained_model_name_or_path)
+    require(misfit is None, f"the stage-1 LoRA {folder} does not fit --pretrained_model_name_or_path "
+            f"{args.pretrained_model_name_or_path}: {misfit}. Was it trained on another base model?")
+    return folder
 
 
 def check_inputs(args) -> tuple[RunConfig, list[dict]]:
@@ -82,8 +93,8 @@ def check_inputs(args) -> tuple[RunConfig, list[dict]]:
     items = rows_to_items(read_concept_csv(args.data_path, args.csv_name))
     concept = Path(args.csv_name).stem
     output_dir = Path(args.output_dir) / concept  # as the authors' script: <output_dir>/<csv stem>/
-    return RunConfig(output_dir=output_dir, resume_dir=resolve_resume(output_dir, args.resume_from_checkpoint),
-                     extractor_dir=find_extractor(args, concept) if args.extractor_mode == "lora" else None), items
+    extractor_dir = find_extractor(args, concept) if args.extractor_mode == "lora" else None
+    return plan_run(args, output_dir, items, stage=2, extractor_dir=extractor_dir), items
 
 
 @contextmanager
@@ -104,13 +115,22 @@ def extractor_weights(transformer, extractor_mode: str):
 def main(argv=None):
     args = parse_args(argv)
     run, items = check_inputs(args)
-    accelerator = make_accelerator(args, run)
+    if args.check_only:
+        return report_check(run, items)
+    accelerator = start_run(args, run)
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
-    # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once.
-    prompt_cache, _ = encode_prompts_once(args, device, weight_dtype,
-                                          [item[key] for item in items for key in PROMPT_COLUMNS])
+    # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once. The
+    # extractor is all of stage 1: if stage 1 trained CLIP LoRAs, its prompts are encoded through them.
+    encoder = PromptEncoder(load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
+                                               weight_dtype),
+                            run_prompts(args, [item[key] for item in items for key in PROMPT_COLUMNS]), device,
+                            args.max_sequence_length)
+    prompt_cache = extractor_cache = encoder.cache()
+    if run.extractor_dir is not None and load_text_encoder_loras(encoder.pipe, run.extractor_dir, EXTRACTOR):
+        extractor_cache = encoder.cache([item["target_prompt"] for item in items])
+    encoder.close()
 
     # Model: ONE frozen base transformer, a new trainable LoRA and the frozen stage-1 LoRA as named adapters.
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
@@ -128,8 +148,9 @@ def main(argv=None):
     def extractor_delta_of(noised, target_prompts):
         """delta = E(x_t, t, target_prompt) - E(x_t, t, ""): one no-grad pass of the frozen extractor."""
         with torch.no_grad(), extractor_weights(transformer, args.extractor_mode):
-            e_cond, e_uncond = predict(trainer.model, prompt_cache, [(noised, target_prompts),
-                                                                     (noised, [""] * len(target_prompts))], weight_dtype)
+            e_cond, e_uncond = predict(trainer.model, extractor_cache, [(noised, target_prompts),
+                                                                        (noised, [""] * len(target_prompts))],
+                                       weight_dtype)
         return extractor_delta(*(prediction_space(e, noised, precondition) for e in (e_cond, e_uncond)))
 
     def concept_and_original(noised, batch, klass):

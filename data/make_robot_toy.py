@@ -1,4 +1,4 @@
-"""Draw the example concept: 5 small pictures of a synthetic "robot toy" and its CSV (method.md section 1).
+"""Draw the example concept: 5 small pictures of a synthetic "robot toy" and its CSV (docs/method.md section 1).
 
 The pictures are drawn from fixed parameters (no randomness, no downloads), so re-running this script gives
 the same files; that lets a smoke run on a fresh machine train on a concept nobody has to fetch.

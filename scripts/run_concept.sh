@@ -6,7 +6,9 @@
 # Extra flags go to BOTH training stages. Outputs (OUTPUT_DIR defaults to ./output):
 #   <out>/base_ckpt/<concept>/   stage 1 LoRA     <out>/<concept>/   stage 2 LoRA     <out>/<concept>/samples/
 # A stage whose folder already holds pytorch_lora_weights.safetensors is skipped (FORCE=1 retrains); an interrupted
-# stage resumes from its newest checkpoint-N. Settings, as environment variables (default):
+# stage resumes from its newest checkpoint-N. Every input of the stages that will train is checked before anything
+# launches (--check_only, no model loaded): a bad input ends the run with the script's one error line and status 2,
+# not with accelerate's traceback. Settings, as environment variables (default):
 #   MODEL_NAME (required)  DATA_PATH (the CSV's folder)  OUTPUT_DIR (./output)  FORCE (0)  SAMPLES (1: render)
 #   STAGE1_STEPS (1000)  STAGE2_STEPS (800)  RESOLUTION (512)  RANK (4)  STAGE1_LR (4e-4)  STAGE2_LR (1e-4)
 #   ETA (2.0)  GRAD_ACCUM (4, stage 1 only, as the authors)  MIXED_PRECISION (bf16 on cuda, no on cpu)  SEED (0)
@@ -67,30 +69,48 @@ should_train() {
   [ "$FORCE" = 1 ] || [ ! -f "$1/$WEIGHTS" ]
 }
 
-# resume_flags DIR: resume an interrupted run from its newest checkpoint-N (not under FORCE=1, nor for a stage 2
-# whose extractor was just retrained)
-resume_flags() {
-  if [ "$FORCE" != 1 ] && [ "${2:-0}" != 1 ] && compgen -G "$1/checkpoint-*" > /dev/null; then
+# run_flags DIR [RETRAIN]: resume an interrupted run from its newest checkpoint-N, or (FORCE=1, or a stage 2 whose
+# extractor was just retrained) replace whatever DIR holds
+run_flags() {
+  if [ "$FORCE" = 1 ] || [ "${2:-0}" = 1 ]; then
+    echo "--overwrite_output_dir"
+  elif compgen -G "$1/checkpoint-*" > /dev/null; then
     say "  resuming from the newest checkpoint in $1" >&2
     echo "--resume_from_checkpoint latest"
   fi
 }
 
-train_stage1() {
-  say "stage 1: training the extractor LoRA -> $STAGE1_DIR"
+
+# The flags of each stage (after the decision which stages train: run1 / run2 are 1 when they do)
+stage1_flags() {
   # shellcheck disable=SC2046
-  "${LAUNCH[@]}" "$REPO/train_stage1_sd3.py" "${COMMON[@]}" --output_dir "$STAGE1_DIR" \
-    --max_train_steps "$STAGE1_STEPS" --learning_rate "$STAGE1_LR" --gradient_accumulation_steps "$GRAD_ACCUM" \
-    $(resume_flags "$STAGE1_DIR") ${STAGE1_EXTRA[@]+"${STAGE1_EXTRA[@]}"} "$@"
+  STAGE1_FLAGS=("${COMMON[@]}" --output_dir "$STAGE1_DIR" --max_train_steps "$STAGE1_STEPS"
+                --learning_rate "$STAGE1_LR" --gradient_accumulation_steps "$GRAD_ACCUM" $(run_flags "$STAGE1_DIR")
+                ${STAGE1_EXTRA[@]+"${STAGE1_EXTRA[@]}"} "$@")
 }
 
-train_stage2() {
-  # stage 2 writes to <output_dir>/<csv stem>/ and finds the extractor at <output_dir>/base_ckpt/<csv stem>/
-  say "stage 2: training the PureCC LoRA -> $STAGE2_DIR"
+stage2_flags() {
+  # stage 2 writes to <output_dir>/<csv stem>/ and finds the extractor at <output_dir>/base_ckpt/<csv stem>/;
+  # a new extractor makes any earlier stage-2 LoRA stale, so it is replaced
   # shellcheck disable=SC2046
-  "${LAUNCH[@]}" "$REPO/train_stage2_v2_sd3.py" "${COMMON[@]}" --output_dir "$OUT" \
-    --max_train_steps "$STAGE2_STEPS" --learning_rate "$STAGE2_LR" --eta "$ETA" \
-    $(resume_flags "$STAGE2_DIR" "$stage1_trained") ${STAGE2_EXTRA[@]+"${STAGE2_EXTRA[@]}"} "$@"
+  STAGE2_FLAGS=("${COMMON[@]}" --output_dir "$OUT" --max_train_steps "$STAGE2_STEPS" --learning_rate "$STAGE2_LR"
+                --eta "$ETA" $(run_flags "$STAGE2_DIR" "$run1") ${STAGE2_EXTRA[@]+"${STAGE2_EXTRA[@]}"} "$@")
+}
+
+# check_inputs: every input check of the stages that will train, before anything launches, both at once. A stage 2
+# whose extractor stage 1 has yet to train is checked without it (--extractor_mode base); all else is checked.
+check_inputs() {
+  local pids=() status=0
+  if [ "$run1" = 1 ]; then
+    "$PYTHON" "$REPO/train_stage1_sd3.py" "${STAGE1_FLAGS[@]}" --check_only > /dev/null & pids+=($!)
+  fi
+  if [ "$run2" = 1 ]; then
+    local extra=(); [ "$run1" = 1 ] && extra=(--extractor_mode base)
+    "$PYTHON" "$REPO/train_stage2_v2_sd3.py" "${STAGE2_FLAGS[@]}" ${extra[@]+"${extra[@]}"} --check_only > /dev/null &
+    pids+=($!)
+  fi
+  for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || status=2; done
+  [ "$status" = 0 ] || exit 2  # the scripts printed their one error line each
 }
 
 # write_sample_prompts FILE: the CSV's prompts, then recontextualisations of its instance word as "[v]"
@@ -123,19 +143,24 @@ render_samples() {
 
 # ------------------------------------------------------------------------------------------- main
 say "concept $CONCEPT: $CSV (model $MODEL_NAME, device $([ "$CUDA" = True ] && echo cuda || echo cpu))"
-stage1_trained=0
-if should_train "$STAGE1_DIR"; then
+run1=0; run2=0
+should_train "$STAGE1_DIR" && run1=1
+{ [ "$run1" = 1 ] || should_train "$STAGE2_DIR"; } && run2=1
+stage1_flags "$@"
+stage2_flags "$@"
+check_inputs
+if [ "$run1" = 1 ]; then
   t0=$SECONDS
-  train_stage1 "$@"
-  stage1_trained=1
+  say "stage 1: training the extractor LoRA -> $STAGE1_DIR"
+  "${LAUNCH[@]}" "$REPO/train_stage1_sd3.py" "${STAGE1_FLAGS[@]}"
   say "stage 1: done in $((SECONDS - t0)) s"
 else
   say "stage 1: skip, $STAGE1_DIR already holds $WEIGHTS (FORCE=1 retrains)"
 fi
-if [ "$stage1_trained" = 1 ] || should_train "$STAGE2_DIR"; then
-  # a new extractor makes any earlier stage-2 LoRA stale
+if [ "$run2" = 1 ]; then
   t0=$SECONDS
-  train_stage2 "$@"
+  say "stage 2: training the PureCC LoRA -> $STAGE2_DIR"
+  "${LAUNCH[@]}" "$REPO/train_stage2_v2_sd3.py" "${STAGE2_FLAGS[@]}"
   say "stage 2: done in $((SECONDS - t0)) s"
 else
   say "stage 2: skip, $STAGE2_DIR already holds $WEIGHTS (FORCE=1 retrains)"

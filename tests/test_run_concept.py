@@ -84,3 +84,16 @@ def test_run_all_keeps_going_and_reports_failures(concept_run, tmp_path, script_
     assert "stage 2: skip" in result.stdout  # the concept after the failed one still ran
     assert "ghost" in result.stderr + result.stdout and "1 of 2" in result.stderr + result.stdout
 
+
+
+def test_bad_stage2_flag_is_one_line_before_anything_trains(tmp_path, script_runner, tiny_sd35_path):
+    """Every stage's inputs are checked before the first launch: a bad stage-2 flag stops the run before stage 1
+    trains, with the script's one error line and no traceback."""
+    env = dict(MODEL_NAME=str(tiny_sd35_path), OUTPUT_DIR=str(tmp_path / "output"), RESOLUTION="64",
+               STAGE2_ARGS="--eta nan")
+    result = script_runner(RUN_CONCEPT, REPO_ROOT / "data" / f"{CONCEPT}.csv", env_overrides=env, hf_home=tmp_path / "hf")
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--eta" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr and "training" not in result.stdout
+    assert not (tmp_path / "output" / "base_ckpt").exists()

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import DATA, checkpoint_names, error_line, launch, run_python, stage1
+from helpers import DATA, checkpoint_names, launch, run_cli, stage1
 from safetensors.torch import load_file
 
 from utils.checks import BadInput
@@ -157,13 +157,13 @@ def test_training_lowers_the_flow_matching_loss(root, tiny_sd3_path):
     from utils.dataset import load_image
     from utils.flow_matching import Noised, encode_latents, flow_matching_loss, noisy_latents
     from utils.lora import load_lora_as_adapter
-    from utils.prompts import PromptCache, load_text_pipeline
+    from utils.prompts import PromptEncoder, load_text_pipeline
 
     out = root / "learning"
     stage1(tiny_sd3_path, out, "--learning_rate", "1e-2", steps=30)
     rows = read_concept_csv(DATA, "robot_toy.csv")
     prompts = [row.target_prompt for row in rows]
-    embeds, pooled = PromptCache(load_text_pipeline(str(tiny_sd3_path)), prompts, "cpu", 77).lookup(
+    embeds, pooled = PromptEncoder(load_text_pipeline(str(tiny_sd3_path)), prompts, "cpu", 77).cache().lookup(
         prompts, "cpu", torch.float32)
     vae = AutoencoderKL.from_pretrained(tiny_sd3_path, subfolder="vae")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd3_path, subfolder="scheduler")
@@ -264,20 +264,21 @@ def test_checkpoint_rotation_keeps_the_lora_only(root, tiny_sd3_path):
 
 @pytest.fixture(scope="module")
 def resumed(root, tiny_sd3_path):
-    """4 steps (as if killed), resume from checkpoint-4 to 8, then ask for a checkpoint that does not exist; and the
-    same 8 steps uninterrupted."""
-    out = root / "resumed"
-    stage1(tiny_sd3_path, out, *RESUME_FLAGS, steps=4, data="folder")
-    after_first, lora_at_4 = checkpoint_names(out), lora(out)
+    """8 steps uninterrupted; a copy of its first 4 steps (checkpoint-2 and -4, as if killed after step 4) resumed
+    from checkpoint-4 to 8; then a checkpoint that does not exist is asked for."""
+    straight, out = root / "uninterrupted", root / "resumed"
+    stage1(tiny_sd3_path, straight, *RESUME_FLAGS, "--checkpoints_total_limit", "4", steps=8, data="folder")
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(straight / name, out / name)
+    after_first, lora_at_4 = checkpoint_names(out), lora(out / "checkpoint-4")
     resume = stage1(tiny_sd3_path, out, *RESUME_FLAGS, "--resume_from_checkpoint", "checkpoint-4", steps=8,
                     data="folder")
     after_resume, final_bytes = checkpoint_names(out), (out / DIFFUSERS_FILE).read_bytes()
     with pytest.raises(BadInput) as missing:
-        stage1(tiny_sd3_path, out, *RESUME_FLAGS, "--resume_from_checkpoint", "checkpoint-99", steps=10, data="folder")
-    stage1(tiny_sd3_path, root / "uninterrupted", *RESUME_FLAGS, steps=8, data="folder")
+        stage1(tiny_sd3_path, out, *RESUME_FLAGS, "--resume_from_checkpoint", "checkpoint-99", steps=8, data="folder")
     return SimpleNamespace(out=out, after_first=after_first, lora_at_4=lora_at_4, resume=resume,
                            after_resume=after_resume, final_bytes=final_bytes, missing=str(missing.value),
-                           after_missing=checkpoint_names(out), uninterrupted=root / "uninterrupted")
+                           after_missing=checkpoint_names(out), uninterrupted=straight)
 
 
 def test_resume_rotates_and_is_bitwise_equal_to_uninterrupted(resumed):
@@ -285,8 +286,8 @@ def test_resume_rotates_and_is_bitwise_equal_to_uninterrupted(resumed):
 
     assert resumed.after_first == ["checkpoint-2", "checkpoint-4"]
     assert [h["step"] for h in resumed.resume.history] == [5, 6, 7, 8]
-    assert resumed.after_resume == ["checkpoint-6", "checkpoint-8"]
-    assert checkpoint_names(resumed.uninterrupted) == ["checkpoint-6", "checkpoint-8"]
+    assert resumed.after_resume == ["checkpoint-6", "checkpoint-8"]  # rotated to --checkpoints_total_limit 2
+    assert checkpoint_names(resumed.uninterrupted) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
     expected = lora(resumed.uninterrupted)
     got = load(resumed.final_bytes)
     assert set(got) == set(expected)
@@ -339,12 +340,15 @@ def test_missing_prompt_and_bad_resolution_fail(tmp_path, tiny_sd35_path, flags,
     assert not (tmp_path / "out").exists()
 
 
-def test_command_line_error_is_one_line_with_status_2(tmp_path, tiny_sd35_path):
+def test_command_line_error_is_one_line_with_status_2(tmp_path, tiny_sd35_path, monkeypatch, capsys):
     """What a user sees from ``python train_stage1_sd3.py`` with a bad flag (``accelerate launch``: test_stage2)."""
+    import train_stage1_sd3
+
     out = tmp_path / "out"
-    flags = ["--pretrained_model_name_or_path", tiny_sd35_path, "--output_dir", out, "--instance_data_dir",
-             DATA / "robot_toy", "--instance_prompt", PROMPT, "--resolution", "66"]
-    direct = run_python("train_stage1_sd3.py", *flags)
-    assert direct.returncode == 2 and "Traceback" not in direct.stderr
-    assert "--resolution 66" in error_line(direct)
+    code, stderr = run_cli(train_stage1_sd3.main, "--pretrained_model_name_or_path", tiny_sd35_path, "--output_dir",
+                           out, "--instance_data_dir", DATA / "robot_toy", "--instance_prompt", PROMPT,
+                           "--resolution", "66", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.splitlines() == ["error: --resolution 66 must be a multiple of 4 for this model (VAE downsampling "
+                                   "x patch size); try 64."]
     assert not out.exists()

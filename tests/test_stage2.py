@@ -9,16 +9,17 @@ from __future__ import annotations
 import csv
 import functools
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, error_line, launch, lora_tensors, run_python, script_status
+from helpers import REPO_ROOT, error_line, launch, lora_tensors, run_cli, script_status
 from helpers import stage2 as run_stage2
 
 import train_stage1_sd3 as stage1
 import train_stage2_v2_sd3 as stage2
-from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME
+from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, adapters_disabled
 
 TINY = ["--resolution", "64", "--report_to", "none", "--rank", "4"]
 
@@ -180,21 +181,22 @@ def test_original_branch_gradient(tiny_sd35_path, extractors, tmp_path, monkeypa
     assert seen == [(True, branch == "trainable", False)]
 
 
-def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, tmp_path):
+def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, tmp_path, monkeypatch, capsys):
     out = tmp_path / "output"
-    result = run_python("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path",
-                        "data", "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "2",
-                        "--resolution", "64")
-    assert result.returncode == 2
-    assert str(out / "base_ckpt" / "robot_toy") in result.stderr
-    assert "train_stage1_sd3.py" in result.stderr and "Traceback" not in result.stderr
+    code, stderr = run_cli(stage2.main, "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path",
+                           REPO_ROOT / "data", "--csv_name", "robot_toy.csv", "--output_dir", out,
+                           "--max_train_steps", "2", "--resolution", "64", monkeypatch=monkeypatch, capsys=capsys)
+    assert code == 2
+    assert stderr.startswith("error: ") and str(out / "base_ckpt" / "robot_toy") in stderr
+    assert "train_stage1_sd3.py" in stderr and "Traceback" not in stderr
     assert not out.exists()
 
 
 def test_killed_run_resumes_to_the_identical_lora(tiny_sd35_path, extractors, tmp_path):
     flags = ["--extractor_lora", str(extractors[0]), "--checkpointing_steps", "2", "--random_flip"]
     run_stage2(tiny_sd35_path, tmp_path / "straight", *flags, steps=4)
-    run_stage2(tiny_sd35_path, tmp_path / "killed", *flags, steps=2)  # "killed" after its step-2 checkpoint
+    # "killed" after its step-2 checkpoint: only that survives
+    shutil.copytree(tmp_path / "straight" / "robot_toy" / "checkpoint-2", tmp_path / "killed" / "robot_toy" / "checkpoint-2")
     resumed = run_stage2(tiny_sd35_path, tmp_path / "killed", *flags, "--resume_from_checkpoint", "latest", steps=4)
     assert [h["step"] for h in resumed.history] == [3, 4]
     straight, again = lora_tensors(tmp_path / "straight" / "robot_toy"), lora_tensors(tmp_path / "killed" / "robot_toy")
@@ -216,3 +218,76 @@ def test_memory_flags_prior_preservation_and_preconditioning(tiny_sd35_path, ext
     assert all(h["loss"] == pytest.approx(h["diff_loss"] + 2.0 * h["pri_loss"] + h["prior_loss"], rel=1e-5)
                for h in result.history)
     assert (tmp_path / "out" / "robot_toy" / DIFFUSERS_WEIGHT_NAME).is_file()
+
+
+def test_extractor_is_all_of_stage_1_text_encoder_loras_included(tiny_sd35_path, tmp_path, monkeypatch):
+    """Stage 1 with --train_text_encoder: stage 2's extractor velocity for (x_t, t, target_prompt) and for "" is
+    exactly what the stage-1 pipeline (transformer + CLIP LoRAs) predicts for them, and differs from the prediction
+    with the base CLIP encoders (what loading only the transformer LoRA gave)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    stage1_dir = tmp_path / "stage1"
+    stage1.main(["--pretrained_model_name_or_path", str(tiny_sd35_path), "--data_path", str(REPO_ROOT / "data"),
+                 "--csv_name", "robot_toy.csv", "--output_dir", str(stage1_dir), "--max_train_steps", "2",
+                 "--learning_rate", "1e-2", "--train_text_encoder", "--text_encoder_lr", "1e-1", *TINY])
+    calls = []
+    real_predict = stage2.predict
+
+    def spy(model, cache, groups, dtype):
+        out = real_predict(model, cache, groups, dtype)
+        if len(groups) == 2 and set(groups[1][1]) == {""}:  # the extractor's [target_prompt; ""] pass
+            calls.append((groups[0][0].x_t.clone(), groups[0][0].timesteps.clone(), list(groups[0][1]),
+                          [o.detach().clone() for o in out]))
+        return out
+
+    monkeypatch.setattr(stage2, "predict", spy)
+    run_stage2(tiny_sd35_path, tmp_path / "out", "--extractor_lora", str(stage1_dir), steps=1)
+    [(x_t, timesteps, prompts, (e_cond, e_uncond))] = calls
+
+    def pipeline_velocity(with_clip_lora: bool):
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_path)
+        pipe.load_lora_weights(stage1_dir)
+        with torch.no_grad(), adapters_disabled(pipe.text_encoder) if not with_clip_lora else nullcontext(), \
+                adapters_disabled(pipe.text_encoder_2) if not with_clip_lora else nullcontext():
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts + [""], None, None, do_classifier_free_guidance=False,
+                                                      max_sequence_length=77)
+        with torch.no_grad():
+            return pipe.transformer(hidden_states=x_t.repeat(2, 1, 1, 1), timestep=timesteps.repeat(2),
+                                    encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+
+    expected = pipeline_velocity(with_clip_lora=True)
+    assert (e_cond - expected[:1]).abs().max().item() < 1e-6
+    assert (e_uncond - expected[1:]).abs().max().item() < 1e-6
+    base_clip = pipeline_velocity(with_clip_lora=False)
+    assert (e_cond - base_clip[:1]).abs().max().item() > 1e-4  # the CLIP LoRAs matter at these settings
+
+
+def test_extractor_that_does_not_fit_the_model_is_named_before_loading(tiny_sd35_path, extractors, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from utils.checks import BadInput
+
+    source = extractors[0] / DIFFUSERS_WEIGHT_NAME
+    tensors = load_file(str(source))
+    key = sorted(k for k in tensors if k.endswith("attn.to_q.lora_A.weight"))[0]
+    for case in ("unknown_module", "wrong_width"):
+        broken = dict(tensors)
+        if case == "unknown_module":
+            broken[key.replace("transformer_blocks.0", "transformer_blocks.7")] = tensors[key].clone()  # fits partly
+        else:
+            broken[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 3)
+        folder = tmp_path / case
+        folder.mkdir()
+        from safetensors import safe_open
+
+        with safe_open(str(source), framework="pt") as handle:
+            save_file(broken, str(folder / DIFFUSERS_WEIGHT_NAME), metadata=handle.metadata())
+        with pytest.raises(BadInput) as err:
+            run_stage2(tiny_sd35_path, tmp_path / "out", "--extractor_lora", str(folder))
+        message = str(err.value)
+        assert str(folder) in message and "does not fit" in message
+        if case == "unknown_module":
+            assert "transformer_blocks.7" in message
+        else:
+            assert key[len("transformer."):] in message and str(tensors[key].shape[1] + 3) in message
+    assert not (tmp_path / "out").exists()

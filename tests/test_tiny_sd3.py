@@ -1,8 +1,6 @@
 """The offline tiny SD3 builder (utils/tiny_sd3.py) yields loadable, deterministic, small pipeline folders."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -136,14 +134,16 @@ def test_build_sd3_twice_identical(tmp_path):
     assert _files(build_tiny_sd3(tmp_path / "a")) == _files(build_tiny_sd3(tmp_path / "b"))
 
 
-def test_cli(tmp_path, repo_root):
+def test_cli(tmp_path, capsys):
+    """``python -m utils.tiny_sd3 OUT --variant sd35`` (its main, in this process)."""
+    from utils.tiny_sd3 import main
+
     out = tmp_path / "cli"
-    r = subprocess.run([sys.executable, "-m", "utils.tiny_sd3", str(out), "--variant", "sd35", "--seed", "0"],
-                       cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert main([str(out), "--variant", "sd35", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
     assert (out / "model_index.json").is_file()
     cfg = json.loads((out / "transformer" / "config.json").read_text())
     assert cfg["patch_size"] == 2 and cfg["qk_norm"] == "rms_norm"
-    bad = subprocess.run([sys.executable, "-m", "utils.tiny_sd3", str(tmp_path / "x"), "--variant", "nope"],
-                         cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0
+    with pytest.raises(SystemExit) as bad:
+        main([str(tmp_path / "x"), "--variant", "nope"])
+    assert bad.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err

@@ -1,30 +1,48 @@
-"""--validation_prompt: PNGs under <output>/validation and images in tensorboard, rendered from cached embeddings."""
+"""--validation_prompt: PNGs under <output>/validation and images in tensorboard, rendered from cached embeddings,
+every --validation_epochs, through a scheduler of its own: training goes on after validation and ends with the
+LoRA it would have reached without any."""
 
 from __future__ import annotations
 
-from helpers import REPO_ROOT
+import pytest
+import torch
+from helpers import lora_tensors, stage1, stage2
 from PIL import Image
 
-import train_stage1_sd3 as stage1
+VALIDATION = ["--validation_prompt", "a photo of sks robot toy in paris", "--validation_epochs", "1",
+              "--num_validation_images", "2", "--validation_steps", "2"]
+# 5 images in batches of 2: 3 batches an epoch; 7 steps run 3 epochs (3 + 3 + 1)
+RUN = ["--train_batch_size", "2", "--random_flip", "--report_to", "tensorboard"]
 
 
-def test_validation_images_saved_and_logged(tiny_sd35_path, tmp_path):
-    out = tmp_path / "s1"
-    stage1.main(["--pretrained_model_name_or_path", str(tiny_sd35_path), "--data_path", str(REPO_ROOT / "data"),
-                 "--csv_name", "robot_toy.csv", "--output_dir", str(out), "--resolution", "64",
-                 "--max_train_steps", "5", "--validation_prompt", "a photo of sks robot toy in paris",
-                 "--validation_epochs", "1", "--num_validation_images", "2", "--validation_steps", "2"])
-    names = sorted(p.name for p in (out / "validation").iterdir())
-    # 5 images, batch 1: one epoch of 5 steps, then the final render
-    assert names == ["final-000005-0.png", "final-000005-1.png", "validation-000005-0.png", "validation-000005-1.png"]
-    assert Image.open(out / "validation" / names[0]).size == (64, 64)
-
+def tensorboard_tags(folder) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    event_dirs = {p.parent for p in (out / "logs").rglob("events.out.tfevents.*")}
     tags = set()
-    for folder in event_dirs:
-        events = EventAccumulator(str(folder))
+    for events_dir in {p.parent for p in (folder / "logs").rglob("events.out.tfevents.*")}:
+        events = EventAccumulator(str(events_dir))
         events.Reload()
         tags |= set(events.Tags()["images"]) | set(events.Tags()["scalars"])
-    assert {"validation", "final", "loss", "lr"} <= tags
+    return tags
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_validation_every_epoch_leaves_training_unchanged(stage, tiny_sd35_path, extractors, tmp_path):
+    def train(out, *extra):
+        if stage == 1:
+            return stage1(tiny_sd35_path, out, *RUN, *extra, "--learning_rate", "1e-3", steps=7), out
+        result = stage2(tiny_sd35_path, out, *RUN, *extra, "--extractor_lora", extractors[0], steps=7)
+        return result, out / "robot_toy"
+
+    with_validation, out = train(tmp_path / "with", *VALIDATION)
+    without_validation, plain_out = train(tmp_path / "without")
+    assert [h["step"] for h in with_validation.history] == list(range(1, 8))
+    names = sorted(p.name for p in (out / "validation").iterdir())
+    # after each of the 3 epochs (steps 3, 6, 7), then the final render
+    assert names == [f"{tag}-{step:06d}-{i}.png" for tag, step in
+                     (("final", 7), ("validation", 3), ("validation", 6), ("validation", 7)) for i in (0, 1)]
+    assert Image.open(out / "validation" / names[0]).size == (64, 64)
+    assert {"validation", "final", "loss", "lr"} <= tensorboard_tags(out)
+    a, b = lora_tensors(out), lora_tensors(plain_out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in with_validation.history] == [h["loss"] for h in without_validation.history]

@@ -92,6 +92,10 @@ def add_run_args(p, output_dir_default: str):
     p.add_argument("--checkpointing_steps", type=int, default=500)
     p.add_argument("--checkpoints_total_limit", type=int, default=None)
     p.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint-N folder name or "latest".')
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="Clear an output folder that holds an earlier run (final LoRA or checkpoints) and train anew.")
+    p.add_argument("--check_only", action="store_true",
+                   help="Run every input check, load no model, print what would run, and exit (0 when all is well).")
     p.add_argument("--validation_prompt", default=None)
     p.add_argument("--num_validation_images", type=int, default=2)
     p.add_argument("--validation_epochs", type=int, default=50)
@@ -141,9 +145,18 @@ def check_shared_args(args) -> None:
 class RunConfig:
     """What a run derives from its flags before loading any model."""
 
-    output_dir: Path               # where this run writes (stage 2: <--output_dir>/<csv stem>)
-    resume_dir: Path | None        # the checkpoint to resume from, None to start fresh
-    extractor_dir: Path | None = None  # stage 2: the stage-1 LoRA (None for --extractor_mode base)
+    output_dir: Path                    # where this run writes (stage 2: <--output_dir>/<csv stem>)
+    resume_dir: Path | None             # the checkpoint to resume from, None to start fresh
+    extractor_dir: Path | None = None   # stage 2: the stage-1 LoRA (None for --extractor_mode base)
+    settings: dict | None = None        # what a checkpoint of this run records (utils/checkpoint.run_settings)
+
+
+def report_check(run: RunConfig, items: list[dict]) -> RunConfig:
+    """--check_only: one line saying that every check passed and what the run would do."""
+    resume = f", resuming from {run.resume_dir.name}" if run.resume_dir else ""
+    extractor = f", extractor {run.extractor_dir}" if run.extractor_dir else ""
+    print(f"ok: inputs checked, no model loaded: {len(items)} training images -> {run.output_dir}{resume}{extractor}")
+    return run
 
 
 @dataclass(frozen=True)

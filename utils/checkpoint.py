@@ -1,4 +1,5 @@
-"""Checkpoints: checkpoint-N naming, rotation, the resume lookup and LoRA-only accelerate state.
+"""Checkpoints and output folders: checkpoint-N naming, rotation, the resume lookup, the settings a resume must
+share with the run it continues, the output-folder check, and LoRA-only accelerate state.
 
 A checkpoint-N folder holds the LoRA in both formats (docs/method.md section 6) plus accelerate's optimizer,
 scheduler and RNG state; the frozen base weights are never written (accelerate would otherwise save the whole
@@ -8,14 +9,23 @@ away only after that, so a run killed while saving always leaves its last comple
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
+from .args import RunConfig
 from .checks import BadInput
-from .lora import load_trainable_lora, write_trainable_lora
+from .lora import DIFFUSERS_WEIGHT_NAME, lora_format, load_trainable_lora, write_trainable_lora
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+SETTINGS_NAME = "run_settings.json"
+# what a resumed run must share with the run that saved the checkpoint, or it would not continue that run
+RESUME_SETTINGS = ("stage", "max_train_steps", "num_train_epochs", "train_batch_size", "gradient_accumulation_steps",
+                   "num_processes", "seed", "data")
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -52,6 +62,70 @@ def resolve_resume(output_dir, resume_from_checkpoint: str | None) -> Path | Non
     return candidate
 
 
+def data_fingerprint(items: list[dict]) -> str:
+    """sha256 over every training item's image bytes and text fields, in order: the data a run trains on."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(Path(item["image_path"]).read_bytes())
+        for key in sorted(k for k, v in item.items() if isinstance(v, str)):
+            digest.update(f"{key}={item[key]}".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_settings(args, items: list[dict], stage: int) -> dict:
+    """The settings of this run that a checkpoint records (RESUME_SETTINGS must match to resume from it)."""
+    return {"stage": stage, "max_train_steps": args.max_train_steps, "num_train_epochs": args.num_train_epochs,
+            "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            # accelerate sets WORLD_SIZE in every process it launches
+            "num_processes": int(os.environ.get("WORLD_SIZE", "1")), "seed": args.seed,
+            "data": data_fingerprint(items), "rank": args.rank, "learning_rate": args.learning_rate}
+
+
+def check_resume_settings(resume_dir: Path, settings: dict) -> None:
+    saved_path = resume_dir / SETTINGS_NAME
+    if not saved_path.is_file():
+        raise BadInput(f"--resume_from_checkpoint {resume_dir}: it records no {SETTINGS_NAME}, so this run cannot tell "
+                       f"whether it continues the same training; start over with --overwrite_output_dir.")
+    saved = json.loads(saved_path.read_text())
+    differ = [key for key in RESUME_SETTINGS if saved.get(key) != settings[key]]
+    if differ:
+        described = ", ".join(f"{key}={saved.get(key)!r} there, {settings[key]!r} now" for key in differ)
+        raise BadInput(f"--resume_from_checkpoint {resume_dir.name}: this run does not continue the one that saved "
+                       f"it ({described}). Resume with the same settings and data, or start over with "
+                       f"--overwrite_output_dir.")
+
+
+def plan_run(args, output_dir: Path, items: list[dict], stage: int, extractor_dir: Path | None = None) -> RunConfig:
+    """The run's folders, decided before any model loads: the checkpoint to resume (checked against this run's
+    settings), and whether ``output_dir`` may be written at all. A folder that holds a finished run or another run's
+    checkpoints is refused unless --overwrite_output_dir (cleared when training starts) or --resume_from_checkpoint."""
+    resume_dir = resolve_resume(output_dir, args.resume_from_checkpoint)
+    settings = run_settings(args, items, stage)
+    if resume_dir is not None:
+        check_resume_settings(resume_dir, settings)
+    elif args.resume_from_checkpoint == "latest" and not args.overwrite_output_dir:
+        if lora_format(output_dir):
+            raise BadInput(f"--resume_from_checkpoint latest: {output_dir} holds a finished run and no checkpoint to "
+                           f"resume from; pass --overwrite_output_dir to train it again, or another --output_dir.")
+        warnings.warn(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir}; starting from step 0.",
+                      stacklevel=2)
+    elif not args.overwrite_output_dir:
+        found = ([DIFFUSERS_WEIGHT_NAME] if lora_format(output_dir) else []) + \
+                [path.name for _, path in list_checkpoints(output_dir)]
+        if found:
+            raise BadInput(f"--output_dir {output_dir} already holds a run ({', '.join(found[:4])}"
+                           f"{', ...' if len(found) > 4 else ''}): pass --resume_from_checkpoint latest to continue it, "
+                           f"--overwrite_output_dir to replace it, or choose another --output_dir.")
+    return RunConfig(output_dir=output_dir, resume_dir=resume_dir, extractor_dir=extractor_dir, settings=settings)
+
+
+def clear_output_folder(output_dir: Path) -> None:
+    """--overwrite_output_dir: remove this run's folder before training writes into it (this folder only: a
+    stage-2 --output_dir holds the stage-1 LoRAs beside it, which stay)."""
+    if output_dir.is_dir():
+        shutil.rmtree(output_dir)
+
+
 def prune_checkpoints(output_dir, total_limit: int | None) -> list[Path]:
     """Delete the oldest checkpoints until at most ``total_limit`` remain (after a new one is complete)."""
     if total_limit is None:
@@ -63,21 +137,22 @@ def prune_checkpoints(output_dir, total_limit: int | None) -> list[Path]:
     return doomed
 
 
-def save_checkpoint(accelerator, output_dir, step: int, total_limit: int | None) -> Path:
-    """Save accelerate state (our hooks write only the LoRA) as checkpoint-N, atomically, then rotate."""
-    output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    staging = output_dir / f"checkpoint-{step}.tmp"
+def save_checkpoint(accelerator, run: RunConfig, step: int, total_limit: int | None) -> Path:
+    """Save accelerate state (our hooks write only the LoRA) and the run's settings as checkpoint-N, atomically,
+    then rotate."""
+    final = run.output_dir / f"checkpoint-{step}"
+    staging = run.output_dir / f"checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        (staging / SETTINGS_NAME).write_text(json.dumps(run.settings, indent=2, sort_keys=True) + "\n")
         if final.exists():  # the same step saved again (e.g. rerun to the same step): replace it whole
             shutil.rmtree(final)
         staging.rename(final)
-        prune_checkpoints(output_dir, total_limit)
+        prune_checkpoints(run.output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
 

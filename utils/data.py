@@ -20,6 +20,7 @@ from .checks import BadInput
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CSV_COLUMNS = ("image_path", "prompt", "target_prompt", "base_prompt", "instance_word")
+PLACEHOLDER = "[v]"  # stands for the concept in prompts: the learned token if there is one, else the instance word
 
 
 def is_image_file(path: Path) -> bool:
@@ -71,7 +72,24 @@ def read_concept_csv(data_path, csv_name) -> list[ConceptRow]:
                                f"{', '.join(CSV_COLUMNS)} filled in.")
         image_path = _resolve_image(cells["image_path"], data_path, csv_path, number)
         rows.append(ConceptRow(**dict(cells, image_path=image_path)))
+    warn_about_prompts(rows, csv_path)
     return rows
+
+
+def warn_about_prompts(rows: list[ConceptRow], csv_path: Path) -> None:
+    """One warning per kind of suspicious row: a prompt that does not name the concept (neither its instance_word
+    nor [v]) teaches stage 2 nothing about it, and a prompt equal to its base_prompt makes L_pure's two branches
+    identical."""
+    unnamed = [n for n, row in enumerate(rows, start=1)
+               if row.instance_word not in row.prompt and PLACEHOLDER not in row.prompt]
+    if unnamed:
+        warnings.warn(f"{csv_path}: the prompt of data row(s) {', '.join(map(str, unnamed))} names neither its "
+                      f"instance_word nor {PLACEHOLDER}: the model cannot tell which word is the concept.", stacklevel=3)
+    same = [n for n, row in enumerate(rows, start=1) if row.prompt == row.base_prompt]
+    if same:
+        warnings.warn(f"{csv_path}: data row(s) {', '.join(map(str, same))} have prompt == base_prompt: the PureCC "
+                      f"target is then the model's own prediction and the concept cannot be learned from them.",
+                      stacklevel=3)
 
 
 def _read_table(csv_path: Path) -> pd.DataFrame:

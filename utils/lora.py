@@ -12,6 +12,8 @@ Formats (the two do not interoperate by themselves):
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,7 +71,10 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> N
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         inject_adapter_in_model(config, model, adapter_name)
         return
-    model.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # a second named adapter is this project's design (stage 2's extractor, composed LoRAs), not a mistake
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        model.add_adapter(config, adapter_name=adapter_name)
 
 
 def add_trainable_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str, seed: int) -> None:
@@ -118,6 +123,15 @@ def adapter_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, t
     return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with the file made readable like every other output: the pinned safetensors creates
+    it 0600, unreadable to a shared group; here it gets the mode a plain open() gives (0666 minus the umask)."""
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _config_dict(config: LoraConfig) -> dict:
     out = config.to_dict()
     # sets do not serialise; keep a deterministic order so files are byte-stable.
@@ -140,12 +154,12 @@ def save_lora_both_formats(out_dir, transformer_state: dict, config: LoraConfig,
     for component, (state, te_config) in (text_encoder_states or {}).items():
         tensors.update({f"{component}.{key}": value for key, value in state.items()})
         metadata.update({f"{component}.{key}": value for key, value in _config_dict(te_config).items()})
-    save_file(tensors, str(out_dir / DIFFUSERS_WEIGHT_NAME),
-              metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
+    save_safetensors(tensors, out_dir / DIFFUSERS_WEIGHT_NAME,
+                     metadata={"format": "pt", METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True)})
 
     # PEFT format (transformer only: PeftModel wraps one model).
-    save_file({f"base_model.model.{key}": value for key, value in transformer_state.items()},
-              str(out_dir / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    save_safetensors({f"base_model.model.{key}": value for key, value in transformer_state.items()},
+                     out_dir / PEFT_WEIGHT_NAME, metadata={"format": "pt"})
     peft_config = dict(config_dict, base_model_name_or_path=base_model_name_or_path, inference_mode=True)
     (out_dir / PEFT_CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
 
@@ -160,32 +174,60 @@ def lora_format(lora_dir) -> str | None:
     return None
 
 
-def read_transformer_lora(lora_dir) -> tuple[dict[str, torch.Tensor], LoraConfig]:
-    """The transformer LoRA of a folder in either format, as (state dict keyed by module path, LoraConfig)."""
+def lora_components(lora_dir) -> list[str]:
+    """The models a LoRA folder holds adapters for: "transformer", plus "text_encoder" / "text_encoder_2" when a
+    stage-1 run trained CLIP LoRAs (diffusers format only: a PEFT folder holds the transformer alone)."""
+    lora_dir = Path(lora_dir)
+    if lora_format(lora_dir) != "diffusers":
+        return ["transformer"]
+    with safe_open(str(lora_dir / DIFFUSERS_WEIGHT_NAME), framework="pt") as handle:
+        prefixes = {key.split(".", 1)[0] for key in handle.keys()}
+    return [c for c in ("transformer", "text_encoder", "text_encoder_2") if c in prefixes]
+
+
+def _lora_file_and_prefix(lora_dir, component: str) -> tuple[Path, str]:
     lora_dir = Path(lora_dir)
     fmt = lora_format(lora_dir)
     if fmt == "diffusers":
-        path = lora_dir / DIFFUSERS_WEIGHT_NAME
+        return lora_dir / DIFFUSERS_WEIGHT_NAME, f"{component}."
+    if fmt == "peft" and component == "transformer":
+        return lora_dir / PEFT_WEIGHT_NAME, "base_model.model."
+    if fmt == "peft":
+        raise ValueError(f"{lora_dir} is a PEFT folder: it holds the transformer LoRA only, not {component}.")
+    raise FileNotFoundError(
+        f"{lora_dir} holds no LoRA: expected {DIFFUSERS_WEIGHT_NAME} (diffusers format) or "
+        f"{PEFT_CONFIG_NAME} + {PEFT_WEIGHT_NAME} (PEFT format).")
+
+
+def lora_shapes(lora_dir, component: str = "transformer") -> dict[str, tuple[int, ...]]:
+    """{module path key: shape} of one component's LoRA tensors, from the file header (no tensor is read)."""
+    path, prefix = _lora_file_and_prefix(lora_dir, component)
+    with safe_open(str(path), framework="pt") as handle:
+        return {key[len(prefix):]: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()
+                if key.startswith(prefix)}
+
+
+def read_lora(lora_dir, component: str = "transformer") -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """One component's LoRA of a folder in either format, as (state dict keyed by module path, LoraConfig)."""
+    path, prefix = _lora_file_and_prefix(lora_dir, component)
+    state = {key[len(prefix):]: value for key, value in load_file(str(path)).items() if key.startswith(prefix)}
+    if path.name == DIFFUSERS_WEIGHT_NAME:
         with safe_open(str(path), framework="pt") as handle:
             packed = json.loads((handle.metadata() or {}).get(METADATA_KEY, "{}"))
-        state = {key[len("transformer."):]: value for key, value in load_file(str(path)).items()
-                 if key.startswith("transformer.")}
-        config_dict = {key[len("transformer."):]: value for key, value in packed.items()
-                       if key.startswith("transformer.")}
+        config_dict = {key[len(prefix):]: value for key, value in packed.items() if key.startswith(prefix)}
         if not config_dict:
-            raise ValueError(f"{path} has no LoRA config in its metadata, so its alpha is unknown: save it with "
-                             "transformer_lora_adapter_metadata (our scripts do) or use the PEFT format folder.")
-    elif fmt == "peft":
-        state = {key[len("base_model.model."):]: value
-                 for key, value in load_file(str(lora_dir / PEFT_WEIGHT_NAME)).items()}
-        config_dict = json.loads((lora_dir / PEFT_CONFIG_NAME).read_text())
+            raise ValueError(f"{path} has no {component} LoRA config in its metadata, so its alpha is unknown: save "
+                             "it with transformer_lora_adapter_metadata (our scripts do) or use the PEFT folder.")
     else:
-        raise FileNotFoundError(
-            f"{lora_dir} holds no LoRA: expected {DIFFUSERS_WEIGHT_NAME} (diffusers format) or "
-            f"{PEFT_CONFIG_NAME} + {PEFT_WEIGHT_NAME} (PEFT format).")
+        config_dict = json.loads((Path(lora_dir) / PEFT_CONFIG_NAME).read_text())
     if not state:
-        raise ValueError(f"{lora_dir} holds no transformer LoRA tensors.")
+        raise ValueError(f"{lora_dir} holds no {component} LoRA tensors.")
     return state, lora_config_from_dict(config_dict)
+
+
+def read_transformer_lora(lora_dir) -> tuple[dict[str, torch.Tensor], LoraConfig]:
+    """The transformer LoRA of a folder in either format, as (state dict keyed by module path, LoraConfig)."""
+    return read_lora(lora_dir, "transformer")
 
 
 def lora_config_from_dict(config_dict: dict) -> LoraConfig:
@@ -219,17 +261,65 @@ def load_trainable_lora(input_dir, lora_parts: dict) -> None:
                              f"(e.g. {result.unexpected_keys[:2]}): resume with the same --rank/--lora_* flags.")
 
 
-def load_lora_as_adapter(model: torch.nn.Module, lora_dir, adapter_name: str, trainable: bool = False) -> LoraConfig:
-    """Add the LoRA of ``lora_dir`` (either format) to ``model`` as a named adapter; frozen unless ``trainable``.
-
-    An adapter added this way starts trainable: it is frozen here unless asked otherwise."""
-    state, config = read_transformer_lora(lora_dir)
+def load_lora_as_adapter(model: torch.nn.Module, lora_dir, adapter_name: str, trainable: bool = False,
+                         component: str = "transformer") -> LoraConfig:
+    """Add one component's LoRA of ``lora_dir`` (either format) to ``model`` as a named adapter, frozen unless
+    ``trainable`` (an adapter added this way starts trainable). Keys that fit no module of the model are an error
+    naming them, never a silent partial load."""
+    state, config = read_lora(lora_dir, component)
     add_lora(model, config, adapter_name)
     result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
     unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora" in key]
     if unexpected:
-        raise ValueError(f"LoRA in {lora_dir} does not fit this model: unexpected keys such as {unexpected[:3]}")
+        raise ValueError(f"the {component} LoRA in {lora_dir} does not fit this model: {len(unexpected)} of its keys "
+                         f"name no module here, e.g. {', '.join(unexpected[:3])}")
     for name, param in model.named_parameters():
         if f".{adapter_name}." in name:
             param.requires_grad_(trainable)
     return config
+
+
+def load_text_encoder_loras(text_pipe, lora_dir, adapter_name: str) -> list[str]:
+    """The CLIP LoRAs a stage-1 run trained (--train_text_encoder), added to the pipeline's CLIP encoders as a
+    frozen, active adapter; returns the components loaded (none for a transformer-only LoRA)."""
+    loaded = []
+    for component in lora_components(lora_dir):
+        if component != "transformer":
+            load_lora_as_adapter(getattr(text_pipe, component), lora_dir, adapter_name, component=component)
+            loaded.append(component)
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------- fit to a model
+def base_weight_shapes(model_path, component: str) -> dict[str, tuple[int, ...]] | None:
+    """{parameter name: shape} of a local model component, from its safetensors headers (no tensor is read);
+    None when the folder is not local or holds no safetensors."""
+    files = sorted((Path(model_path) / component).glob("*.safetensors"))
+    if not files:
+        return None
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
+
+
+def lora_misfit(lora_dir, model_path) -> str | None:
+    """Why the LoRA of ``lora_dir`` cannot go onto the model at ``model_path`` (the first key that names no module
+    there, or whose shape disagrees with the module's weight), or None when it fits. Reads file headers only."""
+    for component in lora_components(lora_dir):
+        base = base_weight_shapes(model_path, component)
+        if base is None:
+            continue
+        for key, shape in sorted(lora_shapes(lora_dir, component).items()):
+            module, _, kind = key.partition(".lora_")
+            weight = base.get(f"{module}.weight")
+            if weight is None:
+                return (f"{component} key {key} names a module ({module}) that the model does not have")
+            if len(shape) != 2 or len(weight) != 2:
+                continue
+            expected = (shape[0], weight[1]) if kind.startswith("A") else (weight[0], shape[1])
+            if shape != expected:
+                return (f"{component} key {key} has shape {list(shape)}, but the model's {module}.weight is "
+                        f"{list(weight)} (the LoRA needs {list(expected)})")
+    return None

@@ -51,39 +51,22 @@ def join_clip_t5(clip_embeds: torch.Tensor, t5_embeds: torch.Tensor) -> torch.Te
 
 
 def release(pipe, name: str) -> None:
-    """Drop one text encoder and give its memory back (T5-XXL alone is ~9 GB in bf16)."""
+    """Drop one text encoder and give its memory back (T5-XXL alone is ~9 GB in bf16). On the GPU the collector
+    runs first so the cache can hand the blocks back; on the CPU dropping the reference frees the memory and a
+    collection would only cost time (~0.4 s in a test process)."""
     setattr(pipe, name, None)
-    gc.collect()
     if torch.cuda.is_available():
+        gc.collect()
         torch.cuda.empty_cache()
 
 
 class PromptCache:
-    """Embeddings of a fixed set of prompts, computed once with the encoders of ``pipe``.
+    """Embeddings of a fixed set of prompts: ``full[prompt] = (prompt_embeds [L, D], pooled [P])`` on the CPU, or,
+    when CLIP trains (``clip_pipe`` given), only ``t5[prompt]``, with :meth:`lookup` recomputing the CLIP half
+    through the trainable encoders every step."""
 
-    ``full[prompt] = (prompt_embeds [L, D], pooled [P])`` on the CPU; with ``keep_clip_trainable`` only
-    ``t5[prompt]`` is cached and :meth:`lookup` recomputes the CLIP half with the (trainable) encoders, which stay
-    on the device. Every other encoder is freed once used: the pipeline is spent afterwards."""
-
-    def __init__(self, pipe, prompts, device, max_sequence_length: int, keep_clip_trainable: bool = False):
-        self.pipe = pipe if keep_clip_trainable else None
-        self.device = device
-        self.full, self.t5 = {}, {}
-        unique = sorted(set(prompts) | {""})
-        with torch.no_grad():
-            pipe.text_encoder_3.to(device)
-            t5 = encode_t5(pipe, unique, device, max_sequence_length).cpu()
-            release(pipe, "text_encoder_3")
-            pipe.text_encoder.to(device)
-            pipe.text_encoder_2.to(device)
-            if keep_clip_trainable:
-                self.t5 = {p: t5[i] for i, p in enumerate(unique)}
-                return
-            clip, pooled = encode_clip(pipe, unique, device)
-        release(pipe, "text_encoder")
-        release(pipe, "text_encoder_2")
-        embeds = join_clip_t5(clip.cpu(), t5)
-        self.full = {p: (embeds[i], pooled[i].cpu()) for i, p in enumerate(unique)}
+    def __init__(self, full: dict | None = None, t5: dict | None = None, clip_pipe=None):
+        self.full, self.t5, self.clip_pipe = full or {}, t5 or {}, clip_pipe
 
     def __contains__(self, prompt: str) -> bool:
         return prompt in (self.full or self.t5)
@@ -93,20 +76,48 @@ class PromptCache:
         missing = [p for p in prompts if p not in self]
         if missing:
             raise KeyError(f"prompt(s) not encoded before training: {missing[:3]}")
-        if self.pipe is None:
+        if self.clip_pipe is None:
             embeds = torch.stack([self.full[p][0] for p in prompts])
             pooled = torch.stack([self.full[p][1] for p in prompts])
             return embeds.to(device, dtype), pooled.to(device, dtype)
-        clip, pooled = encode_clip(self.pipe, prompts, device)
+        clip, pooled = encode_clip(self.clip_pipe, prompts, device)
         t5 = torch.stack([self.t5[p] for p in prompts]).to(device, clip.dtype)
         return join_clip_t5(clip, t5).to(dtype), pooled.to(dtype)
 
 
-def encode_prompts_once(args, device, weight_dtype, prompts, keep_clip_trainable: bool = False):
-    """Encode ``prompts`` + the class/validation prompts + "" once. Returns (PromptCache, text pipeline); the
-    pipeline still holds the CLIP encoders when they train, and nothing else."""
-    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
-    extra = [args.class_prompt or "", args.validation_prompt or ""]
-    cache = PromptCache(text_pipe, list(prompts) + extra, device, args.max_sequence_length,
-                        keep_clip_trainable=keep_clip_trainable)
-    return cache, text_pipe
+class PromptEncoder:
+    """Encodes a run's fixed prompt set with the encoders visiting the device one at a time: T5 once for every
+    prompt (then freed), then CLIP-L/G for whichever caches are asked for, optionally with CLIP LoRAs added (the
+    stage-1 extractor's), then ``close()`` frees CLIP too unless it trains."""
+
+    def __init__(self, pipe, prompts, device, max_sequence_length: int):
+        self.pipe, self.device = pipe, device
+        self.prompts = sorted(set(prompts) | {""})
+        with torch.no_grad():
+            pipe.text_encoder_3.to(device)
+            t5 = encode_t5(pipe, self.prompts, device, max_sequence_length).cpu()
+        release(pipe, "text_encoder_3")
+        self.t5 = {p: t5[i] for i, p in enumerate(self.prompts)}
+        pipe.text_encoder.to(device)
+        pipe.text_encoder_2.to(device)
+
+    def cache(self, prompts=None) -> PromptCache:
+        """Fixed embeddings of ``prompts`` (default: every prompt) with the CLIP encoders as they are now."""
+        prompts = sorted(set(prompts or self.prompts) | {""})
+        with torch.no_grad():
+            clip, pooled = encode_clip(self.pipe, prompts, self.device)
+        embeds = join_clip_t5(clip.cpu(), torch.stack([self.t5[p] for p in prompts]))
+        return PromptCache(full={p: (embeds[i], pooled[i].cpu()) for i, p in enumerate(prompts)})
+
+    def trainable_cache(self) -> PromptCache:
+        """T5 halves cached, CLIP recomputed through the (trainable) encoders at every lookup."""
+        return PromptCache(t5=self.t5, clip_pipe=self.pipe)
+
+    def close(self) -> None:
+        release(self.pipe, "text_encoder")
+        release(self.pipe, "text_encoder_2")
+
+
+def run_prompts(args, prompts) -> list[str]:
+    """A run's prompts plus its class and validation prompts (each encoded once with the rest)."""
+    return list(prompts) + [args.class_prompt or "", args.validation_prompt or ""]

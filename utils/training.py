@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .args import RunConfig, Schedule, resolve_schedule
-from .checkpoint import checkpoint_step, register_lora_state_hooks, save_checkpoint
+from .checkpoint import checkpoint_step, clear_output_folder, register_lora_state_hooks, save_checkpoint
 from .checks import RunFailed
 from .dataset import make_training_data
 
@@ -29,7 +29,9 @@ logger = logging.getLogger("purecc")
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def make_accelerator(args, run: RunConfig) -> Accelerator:
+def start_run(args, run: RunConfig) -> Accelerator:
+    """The accelerator of a run whose inputs all checked out; under --overwrite_output_dir the main process first
+    clears the run's folder."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -41,6 +43,9 @@ def make_accelerator(args, run: RunConfig) -> Accelerator:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    if args.overwrite_output_dir and accelerator.is_main_process:
+        clear_output_folder(run.output_dir)
+    accelerator.wait_for_everyone()
     return accelerator
 
 
@@ -176,6 +181,23 @@ def params_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def accumulate_batch(trainer: Trainer, step_fn, batch: dict, generator, step: int) -> dict:
+    """One batch: the stage's loss, the non-finite check, backward, and (when accelerate says the accumulated
+    gradient is complete) clipping and the optimizer and LR steps. Returns the step's logs."""
+    accelerator = trainer.accelerator
+    with accelerator.accumulate(trainer.model):
+        loss, logs = step_fn(batch, generator)
+        if not all_finite(accelerator, logs.values()):
+            raise RunFailed(non_finite_message(step, logs, batch, trainer.run.output_dir))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and trainer.args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(trainer.params, trainer.args.max_grad_norm)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return logs
+
+
 def train_loop(trainer: Trainer, step_fn, on_epoch_end=None) -> tuple[int, list[dict]]:
     """Optimizer steps ``trainer.start_step .. schedule.max_train_steps``; returns (final step, logs of each step).
 
@@ -189,42 +211,35 @@ def train_loop(trainer: Trainer, step_fn, on_epoch_end=None) -> tuple[int, list[
     global_step, history = trainer.start_step, []
     progress = tqdm(range(schedule.max_train_steps), initial=global_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(first_epoch, schedule.num_train_epochs):
-        if global_step >= schedule.max_train_steps:
-            break
-        trainer.model.train()
-        trainer.dataset.set_epoch(epoch)
-        trainer.dataloader.set_epoch(epoch)
-        skip = skip_batches if epoch == first_epoch else 0
-        loader = accelerator.skip_first_batches(trainer.dataloader, skip) if skip else trainer.dataloader
-        for batch_index, batch in enumerate(loader, start=skip):
-            with accelerator.accumulate(trainer.model):
-                generator = step_generator(args.seed, epoch, batch_index, accelerator.process_index)
-                loss, logs = step_fn(batch, generator)
-                if not all_finite(accelerator, logs.values()):
-                    raise RunFailed(non_finite_message(global_step + 1, logs, batch, trainer.run.output_dir))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainer.params, args.max_grad_norm)
-                trainer.optimizer.step()
-                trainer.lr_scheduler.step()
-                trainer.optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            logs = {**logs, "lr": trainer.lr_scheduler.get_last_lr()[0]}
-            history.append({"step": global_step, **logs})
-            progress.update(1)
-            progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0:
-                require_finite_weights(trainer, global_step)
-                save_checkpoint(accelerator, trainer.run.output_dir, global_step, args.checkpoints_total_limit)
+    try:  # the bar is closed (its line ended) however the loop ends, so an error line starts on a line of its own
+        for epoch in range(first_epoch, schedule.num_train_epochs):
             if global_step >= schedule.max_train_steps:
                 break
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, global_step)
-    progress.close()
+            trainer.model.train()
+            trainer.dataset.set_epoch(epoch)
+            trainer.dataloader.set_epoch(epoch)
+            skip = skip_batches if epoch == first_epoch else 0
+            loader = accelerator.skip_first_batches(trainer.dataloader, skip) if skip else trainer.dataloader
+            for batch_index, batch in enumerate(loader, start=skip):
+                generator = step_generator(args.seed, epoch, batch_index, accelerator.process_index)
+                logs = accumulate_batch(trainer, step_fn, batch, generator, global_step + 1)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                logs = {**logs, "lr": trainer.lr_scheduler.get_last_lr()[0]}
+                history.append({"step": global_step, **logs})
+                progress.update(1)
+                progress.set_postfix(**{k: f"{v:.4g}" for k, v in logs.items()})
+                accelerator.log(logs, step=global_step)
+                if global_step % args.checkpointing_steps == 0:
+                    require_finite_weights(trainer, global_step)
+                    save_checkpoint(accelerator, trainer.run, global_step, args.checkpoints_total_limit)
+                if global_step >= schedule.max_train_steps:
+                    break
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, global_step)
+    finally:
+        progress.close()
     require_finite_weights(trainer, global_step)
     return global_step, history
 

@@ -1,0 +1,32 @@
+"""Known-harmless library messages, silenced at their source, one filter each (every other warning still shows).
+
+- transformers, on import: "`CLIPImageProcessor` requires torchvision (not installed); falling back to
+  `CLIPImageProcessorPil`": this project deliberately runs without torchvision, and the PIL processors it falls
+  back to are the ones it wants.
+- diffusers, on every ``model.to(dtype)``: "There are modules in X that should be kept in float32: []": the list is
+  empty, so nothing is affected (a non-empty list still shows).
+
+PEFT's "Already found a `peft_config` attribute ... multiple adapters" is silenced where this project adds its
+second adapter on purpose (utils/lora.add_lora), not here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def install() -> None:
+    # the loggers exist (empty) before the libraries import; these are the names their messages come from
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        _DropMessages("requires torchvision (not installed); falling back to"))
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropMessages("should be kept in float32: []."))

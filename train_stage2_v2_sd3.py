@@ -12,6 +12,7 @@ One copy of the base transformer serves every branch: the trainable LoRA ("purec
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,15 +20,17 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.args import RunConfig, add_shared_args, check_shared_args, report_check
+from utils.args import (RunConfig, add_ignored_args, add_shared_args, check_shared_args, report_check,
+                        warn_ignored_flags)
 from utils.checkpoint import list_checkpoints, plan_run
 from utils.checks import BadInput, exit_on_error, require, require_non_negative, require_not_nan
-from utils.data import read_concept_csv, rows_to_items
+from utils.concept_token import read_learned_token, register_token
+from utils.data import fill_placeholder, read_concept_csv, resolve_placeholders, rows_to_items
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
                         load_text_encoder_loras, lora_format, lora_misfit, transformer_lora_config)
-from utils.outputs import finish_run, make_validator
+from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
 from utils.training import (load_diffusion_parts, start_run, predict, prepare_training, scaled_learning_rate,
@@ -48,18 +51,40 @@ def parse_args(argv=None):
     parser.add_argument("--lambda_min", type=float, default=0.0, help="Clamp of lambda* below (-inf: none).")
     parser.add_argument("--lambda_max", type=float, default=5.0, help="Clamp of lambda* above (inf: none).")
     parser.add_argument("--original_branch", default="trainable", choices=["trainable", "frozen"],
-                        help="trainable: v_base from the trainable LoRA (Eq. 9); frozen: from the base model.")
-    parser.add_argument("--extractor_lora", default=None,
-                        help="Stage-1 LoRA folder (either format). Default: <output_dir>/base_ckpt/<csv stem>.")
+                        help="trainable: v_base from the trainable LoRA (the paper's dual branch); frozen: from the "
+                             "base model (supplement section 14).")
+    parser.add_argument("--stage1_output_dir", "--extractor_lora", dest="stage1_output_dir", default=None,
+                        help="The stage-1 output folder (either LoRA format; its learned token too, if it has one). "
+                             "Default: <output_dir>/base_ckpt/<csv stem>, else <output_dir>/base_ckpt.")
     parser.add_argument("--extractor_mode", default="lora", choices=["lora", "base"],
                         help="lora: E = base + stage-1 LoRA; base: E = base model (the release's behaviour).")
+    add_ignored_args(parser, STAGE2_IGNORED)
     return parser.parse_args(argv)
 
 
-def find_extractor(args, concept: str) -> Path:
-    """The stage-1 LoRA: --extractor_lora, else <output_dir>/base_ckpt/<concept>: final weights, else the newest
-    checkpoint (with a warning: stage 1 has not finished). It must fit the base model."""
-    root = Path(args.extractor_lora) if args.extractor_lora else Path(args.output_dir) / "base_ckpt" / concept
+STAGE2_IGNORED = {
+    "--instance_data_dir": "stage 2 trains on the concept CSV (--data_path, --csv_name)",
+    "--instance_prompt": "stage 2 takes its prompts from the concept CSV",
+    "--train_text_encoder": "stage 2 trains the transformer LoRA only; CLIP LoRAs belong to stage 1, whose "
+                            "extractor uses them",
+    "--text_encoder_lr": "stage 2 trains no text encoder",
+}
+
+
+def stage1_root(args, concept: str) -> Path | None:
+    """Where stage 1 wrote: --stage1_output_dir (alias --extractor_lora), else <output_dir>/base_ckpt/<concept>, else
+    the release's layout <output_dir>/base_ckpt (used when it holds a stage-1 run)."""
+    if args.stage1_output_dir:
+        return Path(args.stage1_output_dir)
+    ours, release = Path(args.output_dir) / "base_ckpt" / concept, Path(args.output_dir) / "base_ckpt"
+    if not (lora_format(ours) or list_checkpoints(ours)) and (lora_format(release) or list_checkpoints(release)):
+        return release
+    return ours
+
+
+def find_extractor(args, root: Path) -> Path:
+    """The stage-1 LoRA in ``root``: its final weights, else its newest checkpoint (with a warning: stage 1 has not
+    finished). It must fit the base model."""
     if lora_format(root):
         return checked_extractor(args, root)
     checkpoints = [(step, path) for step, path in list_checkpoints(root) if lora_format(path)]
@@ -72,7 +97,7 @@ def find_extractor(args, concept: str) -> Path:
         f"No stage-1 LoRA (the extractor) found in {root} (looked for final weights and checkpoint-N folders). "
         f"Train it first:\n  accelerate launch train_stage1_sd3.py --pretrained_model_name_or_path "
         f"{args.pretrained_model_name_or_path} --data_path {args.data_path} --csv_name {args.csv_name} "
-        f"--output_dir {root} --rank {args.rank}\nor pass --extractor_lora PATH (or --extractor_mode base).")
+        f"--output_dir {root} --rank {args.rank}\nor pass --stage1_output_dir PATH (or --extractor_mode base).")
 
 
 def checked_extractor(args, folder: Path) -> Path:
@@ -90,11 +115,21 @@ def check_inputs(args) -> tuple[RunConfig, list[dict]]:
     require_non_negative(args, "eta")
     require_not_nan(args, "fix_lambda", "lambda_min", "lambda_max")
     require(args.lambda_min <= args.lambda_max, f"--lambda_min {args.lambda_min} is above --lambda_max {args.lambda_max}.")
-    items = rows_to_items(read_concept_csv(args.data_path, args.csv_name))
+    warn_ignored_flags(args, STAGE2_IGNORED)
     concept = Path(args.csv_name).stem
+    # the stage-1 folder: the extractor (unless --extractor_mode base) and the learned token, if stage 1 made one
+    stage1_dir = (find_extractor(args, stage1_root(args, concept))
+                  if args.extractor_mode == "lora" or args.stage1_output_dir else None)
+    token = read_learned_token(stage1_dir) if stage1_dir else None
+    rows = resolve_placeholders(read_concept_csv(args.data_path, args.csv_name), token.token if token else None,
+                                Path(args.data_path) / args.csv_name)
+    items = rows_to_items(rows)
+    validation_prompt = fill_placeholder(args.validation_prompt, token.token if token else rows[0].instance_word) \
+        if args.validation_prompt else None
     output_dir = Path(args.output_dir) / concept  # as the authors' script: <output_dir>/<csv stem>/
-    extractor_dir = find_extractor(args, concept) if args.extractor_mode == "lora" else None
-    return plan_run(args, output_dir, items, stage=2, extractor_dir=extractor_dir), items
+    run = plan_run(args, output_dir, items, stage=2, extractor_dir=stage1_dir if args.extractor_mode == "lora" else None,
+                   validation_prompt=validation_prompt)
+    return dataclasses.replace(run, learned_token=token), items
 
 
 @contextmanager
@@ -121,14 +156,16 @@ def main(argv=None):
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
-    # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once. The
-    # extractor is all of stage 1: if stage 1 trained CLIP LoRAs, its prompts are encoded through them.
-    encoder = PromptEncoder(load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                               weight_dtype),
-                            run_prompts(args, [item[key] for item in items for key in PROMPT_COLUMNS]), device,
-                            args.max_sequence_length)
+    # Text: every distinct prompt of the CSV (prompt, base_prompt, target_prompt) plus "" encoded once, after stage 1's
+    # learned token (if any) is registered, so both branches see it. The extractor is all of stage 1: if stage 1
+    # trained CLIP LoRAs, the extractor's prompts are encoded through them.
+    text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
+    if run.learned_token is not None:
+        register_token(text_pipe, run.learned_token)
+    encoder = PromptEncoder(text_pipe, run_prompts(args, run, [item[key] for item in items for key in PROMPT_COLUMNS]),
+                            device, args.max_sequence_length)
     prompt_cache = extractor_cache = encoder.cache()
-    if run.extractor_dir is not None and load_text_encoder_loras(encoder.pipe, run.extractor_dir, EXTRACTOR):
+    if run.extractor_dir is not None and load_text_encoder_loras(text_pipe, run.extractor_dir, EXTRACTOR):
         extractor_cache = encoder.cache([item["target_prompt"] for item in items])
     encoder.close()
 
@@ -139,9 +176,10 @@ def main(argv=None):
         load_lora_as_adapter(transformer, run.extractor_dir, EXTRACTOR, trainable=False)
         transformer.to(device, dtype=weight_dtype)
     activate_adapter(transformer, TRAINABLE, trainable=True)
-    lora_parts = {"transformer": (transformer, TRAINABLE)}
+    weights = TrainedWeights({"transformer": (transformer, TRAINABLE)}, args.pretrained_model_name_or_path,
+                             copied_token=run.learned_token)
     param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
-    trainer = prepare_training(args, run, accelerator, lora_parts, param_groups, items, class_items, vae,
+    trainer = prepare_training(args, run, accelerator, weights, param_groups, items, class_items, vae,
                                "purecc-stage2")
     precondition = bool(args.precondition_outputs)
 
@@ -155,7 +193,8 @@ def main(argv=None):
 
     def concept_and_original(noised, batch, klass):
         """v = F_theta(x_t, t, prompt) and v_base = F_theta(x_t, t, base_prompt) in one pass with the class images
-        (Eq. 9); with --original_branch frozen, v_base is the base model's, no grad (supplement section 14)."""
+        (the paper's dual branch); with --original_branch frozen, v_base is the base model's, no grad (supplement
+        section 14)."""
         if args.original_branch == "frozen":
             with torch.no_grad(), adapters_disabled(transformer):
                 [v_base] = predict(trainer.model, prompt_cache, [(noised, batch["base_prompt"])], weight_dtype)
@@ -190,12 +229,13 @@ def main(argv=None):
 
     validate = make_validator(args, run, accelerator, transformer, vae, noise_scheduler, prompt_cache)
     step_count, history = train_loop(trainer, step, on_epoch_end=validate)
-    finish_run(args, run, accelerator, lora_parts, f"PureCC stage 2: {run.output_dir.name}",
+    finish_run(run, accelerator, weights, f"PureCC stage 2: {run.output_dir.name}",
                {"stage": 2, "steps": step_count, "eta": args.eta, "lambda_mode": args.lambda_mode,
                 "fix_lambda": args.fix_lambda if args.lambda_mode == "fixed" else "-",
                 "lambda range": f"[{args.lambda_min}, {args.lambda_max}]", "original_branch": args.original_branch,
                 "extractor_mode": args.extractor_mode,
                 "extractor": str(run.extractor_dir) if run.extractor_dir else "base model",
+                "concept token": run.learned_token.token if run.learned_token else "-",
                 "rank": args.rank, "learning_rate": args.learning_rate,
                 "precondition_outputs": args.precondition_outputs, "seed": args.seed},
                f'pipe.transformer = PeftModel.from_pretrained(pipe.transformer, "{run.output_dir}")', validate,

@@ -236,7 +236,7 @@ def test_8bit_adam_min_size(min_size, expected):
     fp32 under --use_8bit_adam, which is why --adam_8bit_min_size exists (default 1)."""
     from utils.training import make_optimizer
 
-    args = SimpleNamespace(use_8bit_adam=True, adam_8bit_min_size=min_size, adam_beta1=0.9, adam_beta2=0.999,
+    args = SimpleNamespace(optimizer="adamw", use_8bit_adam=True, adam_8bit_min_size=min_size, adam_beta1=0.9, adam_beta2=0.999,
                            adam_weight_decay=1e-4, adam_epsilon=1e-8)
     param = torch.nn.Parameter(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)))
     before = param.detach().clone()

@@ -7,7 +7,9 @@ folder, the checkpoint to resume, the step schedule) lives in a frozen ``RunConf
 
 from __future__ import annotations
 
+import argparse
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +65,8 @@ def add_optim_args(p, learning_rate: float):
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--lr_num_cycles", type=int, default=1)
     p.add_argument("--lr_power", type=float, default=1.0)
+    p.add_argument("--optimizer", default="AdamW", type=str.lower, choices=["adamw", "prodigy"],
+                   help='AdamW (default) or "prodigy" (prodigyopt; give --learning_rate 1.0 as its authors advise).')
     p.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit.")
     p.add_argument("--adam_8bit_min_size", type=int, default=1,
                    help="Tensors smaller than this keep fp32 Adam state. bitsandbytes defaults to 4096, which would "
@@ -70,7 +74,14 @@ def add_optim_args(p, learning_rate: float):
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    p.add_argument("--adam_weight_decay_text_encoder", type=float, default=1e-3,
+                   help="Weight decay of the CLIP LoRAs (stage 1 --train_text_encoder).")
     p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--prodigy_beta3", type=float, default=None,
+                   help="Prodigy's step-size running-average coefficient (default: sqrt(beta2)).")
+    p.add_argument("--prodigy_decouple", type=str_to_bool, default=True, help="AdamW-style decoupled weight decay.")
+    p.add_argument("--prodigy_use_bias_correction", type=str_to_bool, default=True)
+    p.add_argument("--prodigy_safeguard_warmup", type=str_to_bool, default=True)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--allow_tf32", action="store_true")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
@@ -102,6 +113,44 @@ def add_run_args(p, output_dir_default: str):
     p.add_argument("--validation_steps", type=int, default=20, help="Inference steps of validation images.")
     p.add_argument("--report_to", default="tensorboard", help='"tensorboard" or "none".')
     p.add_argument("--logging_dir", default="logs")
+
+
+# Flags of the diffusers DreamBooth-LoRA-SD3 script and the authors' release that mean nothing here: accepted, so
+# their commands run verbatim, each with one warning saying why it is ignored.
+IGNORED_FLAGS = {
+    "--dataset_name": "images come from --data_path/--csv_name or --instance_data_dir, not a hub dataset",
+    "--dataset_config_name": "images come from --data_path/--csv_name or --instance_data_dir, not a hub dataset",
+    "--image_column": "images come from the concept CSV's image_path column",
+    "--caption_column": "captions come from the concept CSV's prompt columns",
+    "--cache_dir": "models load from --pretrained_model_name_or_path (hub downloads go to HF_HOME)",
+    "--push_to_hub": "nothing is uploaded; the output folder is the result",
+    "--hub_token": "nothing is uploaded; the output folder is the result",
+    "--hub_model_id": "nothing is uploaded; the output folder is the result",
+    "--local_rank": "accelerate gives every process its rank",
+    "--upcast_before_saving": "LoRA weights are always saved in float32",
+    "--prior_generation_precision": "class images are generated in --mixed_precision's dtype",
+}
+
+
+def add_ignored_args(p, extra: dict | None = None):
+    for flag in {**IGNORED_FLAGS, **(extra or {})}:
+        p.add_argument(flag, nargs="?", const=True, default=None, help=argparse.SUPPRESS)
+
+
+def warn_ignored_flags(args, extra: dict | None = None) -> None:
+    """One warning per release/diffusers flag that was given but means nothing here."""
+    for flag, why in {**IGNORED_FLAGS, **(extra or {})}.items():
+        if getattr(args, flag[2:]) is not None:
+            warnings.warn(f"{flag} is ignored: {why}.", stacklevel=2)
+
+
+def str_to_bool(text: str) -> bool:
+    """argparse type for the release's boolean flags (its type=bool made "False" true)."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def add_shared_args(p, *, learning_rate: float, precondition_default: int, output_dir_default: str):
@@ -136,6 +185,12 @@ def check_shared_args(args) -> None:
     require(args.report_to in ("tensorboard", "none"), f'--report_to must be "tensorboard" or "none", got {args.report_to}.')
     if (args.data_path is None) != (args.csv_name is None):
         raise BadInput("--data_path and --csv_name go together: give both (the CSV is <data_path>/<csv_name>).")
+    if args.optimizer == "prodigy":
+        if args.learning_rate < 0.1:
+            warnings.warn(f"--optimizer prodigy with --learning_rate {args.learning_rate}: Prodigy finds its own step "
+                          f"size and its authors advise --learning_rate 1.0.", stacklevel=2)
+        if args.use_8bit_adam:
+            warnings.warn("--use_8bit_adam is ignored with --optimizer prodigy.", stacklevel=2)
     check_resolution(args.pretrained_model_name_or_path, args.resolution)
     check_writable_folder(args.output_dir, "--output_dir")
 
@@ -149,6 +204,8 @@ class RunConfig:
     resume_dir: Path | None             # the checkpoint to resume from, None to start fresh
     extractor_dir: Path | None = None   # stage 2: the stage-1 LoRA (None for --extractor_mode base)
     settings: dict | None = None        # what a checkpoint of this run records (utils/checkpoint.run_settings)
+    validation_prompt: str | None = None  # --validation_prompt with [v] filled in
+    learned_token: object | None = None   # stage 2: stage 1's concept token (utils.concept_token.LearnedToken)
 
 
 def report_check(run: RunConfig, items: list[dict]) -> RunConfig:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .args import RunConfig
 from .checks import BadInput
-from .lora import DIFFUSERS_WEIGHT_NAME, lora_format, load_trainable_lora, write_trainable_lora
+from .lora import DIFFUSERS_WEIGHT_NAME, lora_format
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 SETTINGS_NAME = "run_settings.json"
@@ -73,8 +73,13 @@ def data_fingerprint(items: list[dict]) -> str:
 
 
 def run_settings(args, items: list[dict], stage: int) -> dict:
-    """The settings of this run that a checkpoint records (RESUME_SETTINGS must match to resume from it)."""
-    return {"stage": stage, "max_train_steps": args.max_train_steps, "num_train_epochs": args.num_train_epochs,
+    """The settings of this run that a checkpoint (and the final output folder) records: RESUME_SETTINGS must match
+    to resume from it; ``prompt_column`` tells eval.py which CSV column the LoRA trained on."""
+    if stage == 2:
+        prompt_column = "prompt"
+    else:
+        prompt_column = args.stage1_prompt_column if args.csv_name else "instance_prompt"
+    return {"stage": stage, "prompt_column": prompt_column, "max_train_steps": args.max_train_steps, "num_train_epochs": args.num_train_epochs,
             "train_batch_size": args.train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
             # accelerate sets WORLD_SIZE in every process it launches
             "num_processes": int(os.environ.get("WORLD_SIZE", "1")), "seed": args.seed,
@@ -95,7 +100,8 @@ def check_resume_settings(resume_dir: Path, settings: dict) -> None:
                        f"--overwrite_output_dir.")
 
 
-def plan_run(args, output_dir: Path, items: list[dict], stage: int, extractor_dir: Path | None = None) -> RunConfig:
+def plan_run(args, output_dir: Path, items: list[dict], stage: int, extractor_dir: Path | None = None,
+             validation_prompt: str | None = None) -> RunConfig:
     """The run's folders, decided before any model loads: the checkpoint to resume (checked against this run's
     settings), and whether ``output_dir`` may be written at all. A folder that holds a finished run or another run's
     checkpoints is refused unless --overwrite_output_dir (cleared when training starts) or --resume_from_checkpoint."""
@@ -116,7 +122,8 @@ def plan_run(args, output_dir: Path, items: list[dict], stage: int, extractor_di
             raise BadInput(f"--output_dir {output_dir} already holds a run ({', '.join(found[:4])}"
                            f"{', ...' if len(found) > 4 else ''}): pass --resume_from_checkpoint latest to continue it, "
                            f"--overwrite_output_dir to replace it, or choose another --output_dir.")
-    return RunConfig(output_dir=output_dir, resume_dir=resume_dir, extractor_dir=extractor_dir, settings=settings)
+    return RunConfig(output_dir=output_dir, resume_dir=resume_dir, extractor_dir=extractor_dir, settings=settings,
+                     validation_prompt=validation_prompt)
 
 
 def clear_output_folder(output_dir: Path) -> None:
@@ -148,7 +155,7 @@ def save_checkpoint(accelerator, run: RunConfig, step: int, total_limit: int | N
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (staging / SETTINGS_NAME).write_text(json.dumps(run.settings, indent=2, sort_keys=True) + "\n")
+        write_settings(staging, run)
         if final.exists():  # the same step saved again (e.g. rerun to the same step): replace it whole
             shutil.rmtree(final)
         staging.rename(final)
@@ -157,22 +164,24 @@ def save_checkpoint(accelerator, run: RunConfig, step: int, total_limit: int | N
     return final
 
 
-def register_lora_state_hooks(accelerator, lora_parts: dict, base_model_name_or_path: str) -> None:
-    """Make ``accelerator.save_state/load_state`` write and read only the trainable LoRA(s), in both formats.
+def write_settings(folder: Path, run: RunConfig) -> None:
+    (Path(folder) / SETTINGS_NAME).write_text(json.dumps(run.settings, indent=2, sort_keys=True) + "\n")
 
-    ``lora_parts`` maps a component name ("transformer", "text_encoder", "text_encoder_2") to (unwrapped model,
-    adapter name)."""
+
+def register_state_hooks(accelerator, trained) -> None:
+    """Make ``accelerator.save_state/load_state`` write and read only what the run trains (``trained``, a
+    utils.outputs.TrainedWeights: the LoRA(s) in both formats and the concept token), never the frozen base."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
-            write_trainable_lora(output_dir, lora_parts, base_model_name_or_path)
+            trained.write(output_dir)
         while weights:  # the frozen base weights stay out of the checkpoint
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
             models.pop()
-        load_trainable_lora(input_dir, lora_parts)
+        trained.restore(input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

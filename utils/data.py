@@ -92,6 +92,16 @@ def warn_about_prompts(rows: list[ConceptRow], csv_path: Path) -> None:
                       stacklevel=3)
 
 
+def read_prompt_rows(csv_path) -> list[dict]:
+    """A concept CSV's text columns, row by row, for prompting (infer.py --csv): no image is opened."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise BadInput(f"Concept CSV {csv_path} not found: give the path of a CSV with columns {', '.join(CSV_COLUMNS)}.")
+    table = _read_table(csv_path)
+    _check_columns(table, csv_path)
+    return [{column: str(record[column]).strip() for column in CSV_COLUMNS} for record in table.to_dict("records")]
+
+
 def _read_table(csv_path: Path) -> pd.DataFrame:
     try:
         # strings only: a prompt like "1" or "NA" must stay text; utf-8-sig drops an Excel byte-order mark
@@ -158,6 +168,26 @@ def open_rgb(path) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
     return image.convert("RGB")
+
+
+def fill_placeholder(text: str, concept: str) -> str:
+    """``[v]`` (the release's placeholder) replaced by the concept: its learned token, else its instance word."""
+    return text.replace(PLACEHOLDER, concept)
+
+
+def resolve_placeholders(rows: list[ConceptRow], token: str | None, csv_path) -> list[ConceptRow]:
+    """Every row with ``[v]`` in prompt and target_prompt replaced by ``token`` (a learned concept token) or, without
+    one, by the row's instance_word, so a literal ``[v]`` never reaches a text encoder. A base_prompt is the sentence
+    *without* the concept, so ``[v]`` there is an error naming the row."""
+    for number, row in enumerate(rows, start=1):
+        if PLACEHOLDER in row.base_prompt or PLACEHOLDER in row.instance_word:
+            column = "base_prompt" if PLACEHOLDER in row.base_prompt else "instance_word"
+            raise BadInput(f"{csv_path}: data row {number}, column {column!r} contains {PLACEHOLDER}: the base prompt "
+                           f"is the sentence without the concept and the instance word is the concept itself; "
+                           f"write them out.")
+    return [dataclasses.replace(row, prompt=fill_placeholder(row.prompt, token or row.instance_word),
+                                target_prompt=fill_placeholder(row.target_prompt, token or row.instance_word))
+            for row in rows]
 
 
 def rows_to_items(rows: list[ConceptRow]) -> list[dict]:

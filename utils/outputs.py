@@ -7,6 +7,7 @@ also draws only from its own generators, so training with validation gives the s
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,35 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from .args import RunConfig
-from .lora import write_trainable_lora
+from .checkpoint import write_settings
+from .concept_token import (ConceptEmbedding, LearnedToken, learned_token, read_learned_token, restore_rows,
+                            save_learned_token)
+from .lora import load_trainable_lora, write_trainable_lora
+
+
+@dataclass
+class TrainedWeights:
+    """What a run trains and writes into its output folder and every checkpoint: the LoRA adapters (both formats)
+    and, when there is one, the concept token (stage 1 trains it; stage 2 copies stage 1's, so that its output
+    folder alone is enough for inference)."""
+
+    lora_parts: dict                             # component -> (model, adapter name)
+    base_model: str
+    token_modules: list[ConceptEmbedding] = field(default_factory=list)  # stage 1 --new_concept_token
+    token: tuple[str, str] | None = None         # (token, initializer) of token_modules
+    copied_token: LearnedToken | None = None     # stage 2: the extractor's learned token
+
+    def write(self, folder) -> None:
+        write_trainable_lora(folder, self.lora_parts, self.base_model)
+        if self.token_modules:
+            save_learned_token(folder, learned_token(*self.token, self.token_modules))
+        elif self.copied_token is not None:
+            save_learned_token(folder, self.copied_token)
+
+    def restore(self, folder) -> None:
+        load_trainable_lora(folder, self.lora_parts)
+        if self.token_modules:
+            restore_rows(self.token_modules, read_learned_token(folder))
 
 
 def pipeline_without_text_encoders(transformer, vae, noise_scheduler) -> StableDiffusion3Pipeline:
@@ -42,11 +71,11 @@ def render_images(pipe, prompt_cache, prompt: str, num_images: int, seed: int, r
     return images
 
 
-def log_validation(accelerator, pipe, prompt_cache, args, output_dir: Path, step: int, tag: str = "validation"):
+def log_validation(accelerator, pipe, prompt_cache, args, run: RunConfig, step: int, tag: str = "validation"):
     """Render --num_validation_images for --validation_prompt, save PNGs and send them to tensorboard."""
-    images = render_images(pipe, prompt_cache, args.validation_prompt, args.num_validation_images, args.seed,
+    images = render_images(pipe, prompt_cache, run.validation_prompt, args.num_validation_images, args.seed,
                            args.resolution, args.validation_steps)
-    out_dir = output_dir / "validation"
+    out_dir = run.output_dir / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         image.save(out_dir / f"{tag}-{step:06d}-{index}.png")
@@ -61,10 +90,9 @@ def make_validator(args, run: RunConfig, accelerator, transformer, vae, noise_sc
 
     def validate(epoch, step, final=False):
         due = final or (epoch + 1) % args.validation_epochs == 0
-        if args.validation_prompt and accelerator.is_main_process and due:
+        if run.validation_prompt and accelerator.is_main_process and due:
             pipe = pipeline_without_text_encoders(transformer, vae, noise_scheduler)
-            log_validation(accelerator, pipe, prompt_cache, args, run.output_dir, step,
-                           tag="final" if final else "validation")
+            log_validation(accelerator, pipe, prompt_cache, args, run, step, tag="final" if final else "validation")
 
     return validate
 
@@ -77,13 +105,15 @@ def write_model_card(out_dir, title: str, base_model: str, fields: dict, usage: 
     (Path(out_dir) / "README.md").write_text("\n".join(lines))
 
 
-def finish_run(args, run: RunConfig, accelerator, lora_parts: dict, card_title: str, card_fields: dict, usage: str,
+def finish_run(run: RunConfig, accelerator, weights: TrainedWeights, card_title: str, card_fields: dict, usage: str,
                validate, step: int, last_epoch: int) -> None:
-    """Write the final LoRA (both formats) and model card, render final validation images, close trackers."""
+    """Write the final LoRA (both formats, + the concept token) and model card, render final validation images,
+    close trackers."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_trainable_lora(run.output_dir, lora_parts, args.pretrained_model_name_or_path)
-        write_model_card(run.output_dir, card_title, args.pretrained_model_name_or_path, card_fields, usage)
+        weights.write(run.output_dir)
+        write_settings(run.output_dir, run)
+        write_model_card(run.output_dir, card_title, weights.base_model, card_fields, usage)
         validate(last_epoch, step, final=True)
         accelerator.print(f"LoRA saved to {run.output_dir}")
     accelerator.end_training()

@@ -118,6 +118,6 @@ class PromptEncoder:
         release(self.pipe, "text_encoder_2")
 
 
-def run_prompts(args, prompts) -> list[str]:
+def run_prompts(args, run, prompts) -> list[str]:
     """A run's prompts plus its class and validation prompts (each encoded once with the rest)."""
-    return list(prompts) + [args.class_prompt or "", args.validation_prompt or ""]
+    return list(prompts) + [args.class_prompt or "", run.validation_prompt or ""]

@@ -8,11 +8,18 @@
 
 PEFT's "Already found a `peft_config` attribute ... multiple adapters" is silenced where this project adds its
 second adapter on purpose (utils/lora.add_lora), not here.
+
+The project's own warnings (a skipped file, an ignored flag, an unfinished extractor) print as one line,
+``warning: ...``, instead of Python's two-line file:line form; every other warning keeps its usual form.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class _DropMessages(logging.Filter):
@@ -25,7 +32,17 @@ class _DropMessages(logging.Filter):
         return not any(fragment in message for fragment in self.fragments)
 
 
+_default_format = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None):
+    if Path(filename).resolve().is_relative_to(PROJECT_ROOT) and ".venv" not in Path(filename).parts:
+        return f"warning: {message}\n"
+    return _default_format(message, category, filename, lineno, line)
+
+
 def install() -> None:
+    warnings.formatwarning = _one_line
     # the loggers exist (empty) before the libraries import; these are the names their messages come from
     logging.getLogger("transformers.utils.import_utils").addFilter(
         _DropMessages("requires torchvision (not installed); falling back to"))

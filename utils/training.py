@@ -21,7 +21,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .args import RunConfig, Schedule, resolve_schedule
-from .checkpoint import checkpoint_step, clear_output_folder, register_lora_state_hooks, save_checkpoint
+from .checkpoint import checkpoint_step, clear_output_folder, register_state_hooks, save_checkpoint
 from .checks import RunFailed
 from .dataset import make_training_data
 
@@ -85,7 +85,15 @@ def scaled_learning_rate(args, accelerator) -> float:
 
 
 def make_optimizer(args, param_groups):
+    """AdamW (bitsandbytes' 8-bit AdamW with --use_8bit_adam) or Prodigy (--optimizer prodigy), the diffusers
+    script's choices and flags."""
     kwargs = dict(betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    if args.optimizer == "prodigy":
+        import prodigyopt  # optional: only when asked for
+
+        return prodigyopt.Prodigy(param_groups, beta3=args.prodigy_beta3, decouple=args.prodigy_decouple,
+                                  use_bias_correction=args.prodigy_use_bias_correction,
+                                  safeguard_warmup=args.prodigy_safeguard_warmup, **kwargs)
     if args.use_8bit_adam:
         import bitsandbytes as bnb  # optional and slow to import: only when asked for
 
@@ -130,24 +138,29 @@ class Trainer:
     dataloader: object
     latent_cache: object
     schedule: Schedule
-    params: list
+    params: list          # every trainable parameter (for clipping)
+    outside_params: list  # those outside the prepared transformer (CLIP LoRAs, the concept token), synced by hand
     start_step: int
 
 
-def prepare_training(args, run: RunConfig, accelerator, lora_parts: dict, param_groups: list, items, class_items,
-                     vae, tracker_name: str) -> Trainer:
-    """Data, optimizer, schedule and LR schedule, ``accelerator.prepare``, the LoRA-only checkpoint hooks, the
-    resume and the trackers: the setup both stages share between building their models and their first step."""
+def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: list, items, class_items, vae,
+                     tracker_name: str) -> Trainer:
+    """Data, optimizer, schedule and LR schedule, ``accelerator.prepare``, the checkpoint hooks (only what the run
+    trains, ``trained``: utils.outputs.TrainedWeights), the resume and the trackers: the setup both stages share
+    between building their models and their first step.
+
+    Only the transformer is prepared (wrapped for DDP): the text side (CLIP LoRAs, the concept token) runs inside
+    the pipeline's own encoders, so its few gradients are averaged over processes by hand (``sync_outside_grads``)."""
     dataset, dataloader, latent_cache = make_training_data(args, accelerator, items, class_items, vae)
     schedule = resolve_schedule(args, len(dataset), accelerator.num_processes)
     optimizer = make_optimizer(args, param_groups)
     lr_scheduler = make_lr_scheduler(args, optimizer, schedule, accelerator.num_processes)
-    models = [model for model, _ in lora_parts.values()]
-    *models, optimizer, dataloader, lr_scheduler = accelerator.prepare(*models, optimizer, dataloader, lr_scheduler)
+    transformer = trained.lora_parts["transformer"][0]
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader, lr_scheduler)
     if len(dataloader) != schedule.batches_per_epoch:
         raise RuntimeError(f"accelerate gave each process {len(dataloader)} batches per epoch, the schedule expected "
                            f"{schedule.batches_per_epoch}: please report this with your accelerate config.")
-    register_lora_state_hooks(accelerator, lora_parts, args.pretrained_model_name_or_path)
+    register_state_hooks(accelerator, trained)
     start_step = 0
     if run.resume_dir is not None:
         accelerator.print(f"Resuming from {run.resume_dir}")
@@ -157,8 +170,10 @@ def prepare_training(args, run: RunConfig, accelerator, lora_parts: dict, param_
         accelerator.init_trackers(tracker_name, config={k: v for k, v in vars(args).items()
                                                         if isinstance(v, (int, float, str, bool))})
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    return Trainer(args, run, accelerator, models[0], optimizer, lr_scheduler, dataset, dataloader, latent_cache,
-                   schedule, params, start_step)
+    inside = {id(p) for p in transformer.parameters()}
+    outside = [p for p in params if id(p) not in inside]
+    return Trainer(args, run, accelerator, model, optimizer, lr_scheduler, dataset, dataloader, latent_cache,
+                   schedule, params, outside, start_step)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -181,6 +196,18 @@ def params_finite(params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params)
 
 
+def sync_outside_grads(trainer: Trainer) -> None:
+    """Average the gradients of the parameters DDP does not see (CLIP LoRAs, the concept token) over processes,
+    as DDP does for the transformer's."""
+    if trainer.accelerator.num_processes == 1:
+        return
+    for param in trainer.outside_params:
+        if param.grad is None:  # every process must join every all-reduce
+            param.grad = torch.zeros_like(param)
+        torch.distributed.all_reduce(param.grad)
+        param.grad /= trainer.accelerator.num_processes
+
+
 def accumulate_batch(trainer: Trainer, step_fn, batch: dict, generator, step: int) -> dict:
     """One batch: the stage's loss, the non-finite check, backward, and (when accelerate says the accumulated
     gradient is complete) clipping and the optimizer and LR steps. Returns the step's logs."""
@@ -190,6 +217,8 @@ def accumulate_batch(trainer: Trainer, step_fn, batch: dict, generator, step: in
         if not all_finite(accelerator, logs.values()):
             raise RunFailed(non_finite_message(step, logs, batch, trainer.run.output_dir))
         accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            sync_outside_grads(trainer)
         if accelerator.sync_gradients and trainer.args.max_grad_norm > 0:
             accelerator.clip_grad_norm_(trainer.params, trainer.args.max_grad_norm)
         trainer.optimizer.step()

@@ -115,7 +115,7 @@ def main(argv=None):
     run, items = check_inputs(args)
     if args.check_only:
         return report_check(run, items)
-    accelerator = start_run(args, run)
+    accelerator = start_run(args, run, trains_text=args.train_text_encoder or bool(args.new_concept_token))
     device, weight_dtype = accelerator.device, weight_dtype_of(accelerator)
     class_items = ensure_class_images(args, accelerator, weight_dtype) if args.with_prior_preservation else None
 
@@ -166,7 +166,7 @@ def main(argv=None):
 
     validate = make_validator(args, run, accelerator, transformer, vae, noise_scheduler, prompt_cache)
     step_count, history = train_loop(trainer, step, on_epoch_end=validate)
-    finish_run(run, accelerator, weights, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
+    finish_run(run, accelerator, trainer.model, weights, "PureCC stage 1: representation extractor (DreamBooth LoRA)",
                {"stage": 1, "steps": step_count, "rank": args.rank, "learning_rate": args.learning_rate,
                 "instance prompt(s)": "; ".join(sorted({item["prompt"] for item in items})),
                 "concept token": args.new_concept_token or "-", "resolution": args.resolution,

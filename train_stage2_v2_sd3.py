@@ -229,7 +229,7 @@ def main(argv=None):
 
     validate = make_validator(args, run, accelerator, transformer, vae, noise_scheduler, prompt_cache)
     step_count, history = train_loop(trainer, step, on_epoch_end=validate)
-    finish_run(run, accelerator, weights, f"PureCC stage 2: {run.output_dir.name}",
+    finish_run(run, accelerator, trainer.model, weights, f"PureCC stage 2: {run.output_dir.name}",
                {"stage": 2, "steps": step_count, "eta": args.eta, "lambda_mode": args.lambda_mode,
                 "fix_lambda": args.fix_lambda if args.lambda_mode == "fixed" else "-",
                 "lambda range": f"[{args.lambda_min}, {args.lambda_max}]", "original_branch": args.original_branch,

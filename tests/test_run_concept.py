@@ -83,7 +83,24 @@ def test_run_all_keeps_going_and_reports_failures(concept_run, tmp_path, script_
     assert result.returncode != 0
     assert "stage 2: skip" in result.stdout  # the concept after the failed one still ran
     assert "ghost" in result.stderr + result.stdout and "1 of 2" in result.stderr + result.stdout
+    summary = result.stdout[result.stdout.index("[run_all] summary"):].splitlines()
+    assert summary[1].split() == ["concept", "stage", "status", "time", "output"]
+    assert summary[2].split()[:4] == ["ghost", "inputs", "FAILED", "(2)"]
+    assert summary[3].split()[:3] == [CONCEPT, "done", "ok"] and summary[3].endswith(f"output/{CONCEPT}")
 
+
+def test_run_all_spreads_concepts_over_gpus(concept_run, tmp_path, script_runner):
+    """--gpus 0,1: one concept per GPU id in parallel (CUDA_VISIBLE_DEVICES), each logged to its own file."""
+    missing = tmp_path / "ghost.csv"
+    env = dict(concept_run["env"], SAMPLES="0")
+    result = script_runner(RUN_ALL, "--gpus", "0,1", missing, REPO_ROOT / "data" / f"{CONCEPT}.csv",
+                           env_overrides=env, hf_home=concept_run["root"] / "hf")
+    assert result.returncode == 1
+    assert "[run_all] GPU 0: " in result.stdout and "[run_all] GPU 1: " in result.stdout
+    logs = Path(env["OUTPUT_DIR"]) / "logs"
+    assert "stage 2: skip" in (logs / f"{CONCEPT}.log").read_text()
+    assert "not found" in (logs / "ghost.log").read_text()
+    assert "1 of 2 concept(s) failed" in result.stderr
 
 
 def test_bad_stage2_flag_is_one_line_before_anything_trains(tmp_path, script_runner, tiny_sd35_path):

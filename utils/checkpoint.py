@@ -17,6 +17,8 @@ import shutil
 import warnings
 from pathlib import Path
 
+from accelerate.utils import DistributedType
+
 from .args import RunConfig
 from .checks import BadInput
 from .lora import DIFFUSERS_WEIGHT_NAME, lora_format
@@ -170,18 +172,24 @@ def write_settings(folder: Path, run: RunConfig) -> None:
 
 def register_state_hooks(accelerator, trained) -> None:
     """Make ``accelerator.save_state/load_state`` write and read only what the run trains (``trained``, a
-    utils.outputs.TrainedWeights: the LoRA(s) in both formats and the concept token), never the frozen base."""
+    utils.outputs.TrainedWeights: the LoRA(s) in both formats and the concept token), never the frozen base.
+
+    Under DeepSpeed and FSDP accelerate saves and restores its wrapped model itself before these hooks run (so
+    such checkpoints also hold the base weights); the hooks then add our LoRA files (gathered from the shards under
+    FSDP) and leave the model's restore to accelerate."""
+    wrapped = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
     def save_hook(models, weights, output_dir):
+        gathered = trained.gather(accelerator, models[0])
         if accelerator.is_main_process:
-            trained.write(output_dir)
+            trained.write(output_dir, gathered)
         while weights:  # the frozen base weights stay out of the checkpoint
             weights.pop()
 
     def load_hook(models, input_dir):
         while models:
             models.pop()
-        trained.restore(input_dir)
+        trained.restore(input_dir, lora_too=not wrapped)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

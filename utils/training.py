@@ -10,28 +10,30 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .args import RunConfig, Schedule, resolve_schedule
 from .checkpoint import checkpoint_step, clear_output_folder, register_state_hooks, save_checkpoint
-from .checks import RunFailed
+from .checks import BadInput, RunFailed
 from .dataset import make_training_data
 
 logger = logging.getLogger("purecc")
 
 
 # ----------------------------------------------------------------------------------------------- setup
-def start_run(args, run: RunConfig) -> Accelerator:
+def start_run(args, run: RunConfig, trains_text: bool = False) -> Accelerator:
     """The accelerator of a run whose inputs all checked out; under --overwrite_output_dir the main process first
-    clears the run's folder."""
+    clears the run's folder. ``trains_text``: the run trains CLIP LoRAs or a concept token, which live outside the
+    prepared transformer (DeepSpeed cannot train them)."""
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -43,6 +45,16 @@ def start_run(args, run: RunConfig) -> Accelerator:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > accelerator.num_processes:
+        raise RunFailed(f"accelerate started {launched} processes but they are not connected (each sees "
+                        f"{accelerator.num_processes}): on a machine without GPUs, launch with ACCELERATE_USE_CPU=1 "
+                        f"accelerate launch --multi_gpu --num_processes {launched} ... (--cpu alone starts one "
+                        f"process). Nothing was written.")
+    if trains_text and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise BadInput("--train_text_encoder and --new_concept_token train parts of the text encoders, which DeepSpeed "
+                       "does not manage here (it wraps the transformer alone): use the DDP or FSDP config "
+                       "(configs/multi_gpu.yaml, configs/fsdp.yaml), or train stage 1 without them.")
     if args.overwrite_output_dir and accelerator.is_main_process:
         clear_output_folder(run.output_dir)
     accelerator.wait_for_everyone()
@@ -177,10 +189,11 @@ def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: l
 
 
 # ---------------------------------------------------------------------------------------------- loop
-def step_generator(seed: int, epoch: int, batch_index: int, process_index: int) -> torch.Generator:
-    """Noise and timesteps of one batch depend on (seed, epoch, batch index within the epoch, process) alone:
-    a resumed run reproduces them exactly whatever the accumulation, batch size or dataset length."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{batch_index}:{process_index}".encode()).digest()
+def step_generator(seed: int, epoch: int, global_batch: int) -> torch.Generator:
+    """Noise and timesteps of one batch depend on (seed, epoch, the batch's index in the epoch's global order)
+    alone: a resumed run reproduces them exactly whatever the accumulation, batch size or dataset length, and N
+    processes draw for a batch what one process accumulating N batches draws for it."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{global_batch}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
@@ -250,7 +263,9 @@ def train_loop(trainer: Trainer, step_fn, on_epoch_end=None) -> tuple[int, list[
             skip = skip_batches if epoch == first_epoch else 0
             loader = accelerator.skip_first_batches(trainer.dataloader, skip) if skip else trainer.dataloader
             for batch_index, batch in enumerate(loader, start=skip):
-                generator = step_generator(args.seed, epoch, batch_index, accelerator.process_index)
+                # accelerate deals the epoch's batches round-robin: local batch b of process p is global b * N + p
+                global_batch = batch_index * accelerator.num_processes + accelerator.process_index
+                generator = step_generator(args.seed, epoch, global_batch)
                 logs = accumulate_batch(trainer, step_fn, batch, generator, global_step + 1)
                 if not accelerator.sync_gradients:
                     continue

@@ -238,18 +238,14 @@ def lora_config_from_dict(config_dict: dict) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def write_trainable_lora(output_dir, lora_parts: dict, base_model_name_or_path: str,
-                         gathered: dict | None = None) -> None:
+def write_trainable_lora(output_dir, lora_parts: dict, base_model_name_or_path: str) -> None:
     """Save the trainable LoRA(s) of a run in both formats. ``lora_parts`` maps a component ("transformer",
     "text_encoder", "text_encoder_2") to (unwrapped model, adapter name); each adapter's LoraConfig is its own
-    ``peft_config`` entry. ``gathered`` holds states gathered from sharded modules (FSDP), used instead."""
+    ``peft_config`` entry."""
     transformer, adapter_name = lora_parts["transformer"]
-    transformer_state = (gathered or {}).get("transformer")
-    if transformer_state is not None:
-        transformer_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in transformer_state.items()}
     text_encoder_states = {component: (adapter_state_dict(model, name), model.peft_config[name])
                            for component, (model, name) in lora_parts.items() if component != "transformer"}
-    save_lora_both_formats(output_dir, transformer_state or adapter_state_dict(transformer, adapter_name),
+    save_lora_both_formats(output_dir, adapter_state_dict(transformer, adapter_name),
                            transformer.peft_config[adapter_name], text_encoder_states=text_encoder_states,
                            base_model_name_or_path=base_model_name_or_path)
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import DistributedType
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-from peft.utils import get_peft_model_state_dict
 
 from .args import RunConfig
 from .checkpoint import write_settings
@@ -35,18 +33,8 @@ class TrainedWeights:
     token: tuple[str, str] | None = None         # (token, initializer) of token_modules
     copied_token: LearnedToken | None = None     # stage 2: the extractor's learned token
 
-    def gather(self, accelerator, model) -> dict | None:
-        """Under FSDP the LoRA weights are sharded over the processes: every process must join this gather (the
-        main process gets the full transformer LoRA). Elsewhere the modules hold them whole: None."""
-        if accelerator.distributed_type != DistributedType.FSDP:
-            return None
-        full = accelerator.get_state_dict(model)
-        transformer, adapter = self.lora_parts["transformer"]
-        return {"transformer": get_peft_model_state_dict(transformer, state_dict=full, adapter_name=adapter)} \
-            if accelerator.is_main_process else None
-
-    def write(self, folder, gathered: dict | None = None) -> None:
-        write_trainable_lora(folder, self.lora_parts, self.base_model, gathered)
+    def write(self, folder) -> None:
+        write_trainable_lora(folder, self.lora_parts, self.base_model)
         if self.token_modules:
             save_learned_token(folder, learned_token(*self.token, self.token_modules))
         elif self.copied_token is not None:
@@ -121,11 +109,10 @@ def write_model_card(out_dir, title: str, base_model: str, fields: dict, usage: 
 def finish_run(run: RunConfig, accelerator, model, weights: TrainedWeights, card_title: str, card_fields: dict,
                usage: str, validate, step: int, last_epoch: int) -> None:
     """Write the final LoRA (both formats, + the concept token) and model card, render final validation images,
-    close trackers. ``model`` is the prepared transformer (its LoRA is gathered from it under FSDP)."""
+    close trackers."""
     accelerator.wait_for_everyone()
-    gathered = weights.gather(accelerator, model)
     if accelerator.is_main_process:
-        weights.write(run.output_dir, gathered)
+        weights.write(run.output_dir)
         write_settings(run.output_dir, run)
         write_model_card(run.output_dir, card_title, weights.base_model, card_fields, usage)
         validate(last_epoch, step, final=True)

@@ -125,7 +125,7 @@ def main(argv=None):
     token_modules = (add_trainable_token(text_pipe, args.new_concept_token, token_initializer(args, items))
                      if args.new_concept_token else [])
     encoder = PromptEncoder(text_pipe, run_prompts(args, run, [item["prompt"] for item in items]), device,
-                            args.max_sequence_length)
+                            args.max_sequence_length, args.text_encoder_device)
     clip_trains = args.train_text_encoder or bool(token_modules)
     prompt_cache = encoder.trainable_cache() if clip_trains else encoder.cache()
 

@@ -163,7 +163,7 @@ def main(argv=None):
     if run.learned_token is not None:
         register_token(text_pipe, run.learned_token)
     encoder = PromptEncoder(text_pipe, run_prompts(args, run, [item[key] for item in items for key in PROMPT_COLUMNS]),
-                            device, args.max_sequence_length)
+                            device, args.max_sequence_length, args.text_encoder_device)
     prompt_cache = extractor_cache = encoder.cache()
     if run.extractor_dir is not None and load_text_encoder_loras(text_pipe, run.extractor_dir, EXTRACTOR):
         extractor_cache = encoder.cache([item["target_prompt"] for item in items])

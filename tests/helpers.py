@@ -15,7 +15,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT / "data"
 ACCELERATE_CPU = ["--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                  "--dynamo_backend", "no", "--num_cpu_threads_per_process", "2"]
+                  "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 TINY = ["--report_to", "none", "--rank", "4"]
 RESOLUTION = {"sd3": "32", "sd35": "64"}  # the smallest sizes: the sd35 variant needs a multiple of 4
 

@@ -24,6 +24,9 @@ SEED = 42
 SIZE = 64
 STEPS = 2
 
+# the session's run_concept.sh run is shared with the other concept_run module: same xdist worker
+pytestmark = pytest.mark.xdist_group("concept_run")
+
 
 def snippet_image(model: Path, lora_dir: Path | None = None, route: str = "peft") -> np.ndarray:
     """The authors' README snippet (fp32, tiny size), float image in [0, 1] of shape [H, W, 3]."""

@@ -10,12 +10,16 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import REPO_ROOT
 
 RUN_CONCEPT = REPO_ROOT / "scripts" / "run_concept.sh"
 RUN_ALL = REPO_ROOT / "scripts" / "run_all.sh"
 CONCEPT = "robot_toy"
 WEIGHTS = "pytorch_lora_weights.safetensors"
+
+# the session's run_concept.sh run is shared with the other concept_run module: same xdist worker
+pytestmark = pytest.mark.xdist_group("concept_run")
 
 
 # ----------------------------------------------------------------------------------------------- the full run

@@ -13,6 +13,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from .checks import (BadInput, check_model_folder, check_resolution, check_writable_folder, require,
                      require_non_negative, require_positive)
 
@@ -87,6 +89,19 @@ def add_optim_args(p, learning_rate: float):
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
 
 
+def add_speed_args(p):
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each transformer block (regional compilation): fewer kernel launches per step; "
+                        "the first steps pay the compilation.")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor; aot_eager in tests).")
+    p.add_argument("--text_encoder_device", default=None,
+                   help="Device the frozen text encoders encode the prompts on (default: the training device). "
+                        '"cpu" keeps T5-XXL (~9 GB) off the GPU entirely.')
+    p.add_argument("--base_quantization", default="none", choices=["none", "nf4", "int8"],
+                   help="Load the frozen transformer quantised with bitsandbytes (QLoRA); the LoRA trains in fp32 on "
+                        "top. Needs a CUDA GPU.")
+
+
 def add_flow_matching_args(p, precondition_default: int):
     p.add_argument("--weighting_scheme", default="logit_normal",
                    choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"])
@@ -158,6 +173,7 @@ def add_shared_args(p, *, learning_rate: float, precondition_default: int, outpu
     add_data_args(p)
     add_lora_args(p)
     add_optim_args(p, learning_rate)
+    add_speed_args(p)
     add_flow_matching_args(p, precondition_default)
     add_run_args(p, output_dir_default)
 
@@ -191,6 +207,9 @@ def check_shared_args(args) -> None:
                           f"size and its authors advise --learning_rate 1.0.", stacklevel=2)
         if args.use_8bit_adam:
             warnings.warn("--use_8bit_adam is ignored with --optimizer prodigy.", stacklevel=2)
+    if args.base_quantization != "none":
+        require(torch.cuda.is_available(), f"--base_quantization {args.base_quantization} needs a CUDA GPU "
+                "(bitsandbytes' quantised layers); drop it on this machine.")
     check_resolution(args.pretrained_model_name_or_path, args.resolution)
     check_writable_folder(args.output_dir, "--output_dir")
 

@@ -88,29 +88,34 @@ class PromptCache:
 class PromptEncoder:
     """Encodes a run's fixed prompt set with the encoders visiting the device one at a time: T5 once for every
     prompt (then freed), then CLIP-L/G for whichever caches are asked for, optionally with CLIP LoRAs added (the
-    stage-1 extractor's), then ``close()`` frees CLIP too unless it trains."""
+    stage-1 extractor's), then ``close()`` frees CLIP too unless it trains. ``encode_device`` (--text_encoder_device)
+    is where the frozen encoders run; CLIP that trains runs on the training ``device``."""
 
-    def __init__(self, pipe, prompts, device, max_sequence_length: int):
+    def __init__(self, pipe, prompts, device, max_sequence_length: int, encode_device=None):
         self.pipe, self.device = pipe, device
+        self.encode_device = torch.device(encode_device) if encode_device else device
         self.prompts = sorted(set(prompts) | {""})
         with torch.no_grad():
-            pipe.text_encoder_3.to(device)
-            t5 = encode_t5(pipe, self.prompts, device, max_sequence_length).cpu()
+            pipe.text_encoder_3.to(self.encode_device)
+            t5 = encode_t5(pipe, self.prompts, self.encode_device, max_sequence_length).cpu()
         release(pipe, "text_encoder_3")
         self.t5 = {p: t5[i] for i, p in enumerate(self.prompts)}
-        pipe.text_encoder.to(device)
-        pipe.text_encoder_2.to(device)
 
     def cache(self, prompts=None) -> PromptCache:
         """Fixed embeddings of ``prompts`` (default: every prompt) with the CLIP encoders as they are now."""
         prompts = sorted(set(prompts or self.prompts) | {""})
+        self.pipe.text_encoder.to(self.encode_device)
+        self.pipe.text_encoder_2.to(self.encode_device)
         with torch.no_grad():
-            clip, pooled = encode_clip(self.pipe, prompts, self.device)
+            clip, pooled = encode_clip(self.pipe, prompts, self.encode_device)
         embeds = join_clip_t5(clip.cpu(), torch.stack([self.t5[p] for p in prompts]))
         return PromptCache(full={p: (embeds[i], pooled[i].cpu()) for i, p in enumerate(prompts)})
 
     def trainable_cache(self) -> PromptCache:
-        """T5 halves cached, CLIP recomputed through the (trainable) encoders at every lookup."""
+        """T5 halves cached, CLIP recomputed through the (trainable) encoders, on the training device, at every
+        lookup."""
+        self.pipe.text_encoder.to(self.device)
+        self.pipe.text_encoder_2.to(self.device)
         return PromptCache(t5=self.t5, clip_pipe=self.pipe)
 
     def close(self) -> None:

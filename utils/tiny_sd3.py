@@ -59,7 +59,7 @@ city street road house room kitchen garden park field grass flower flowers tree 
 water fire stone rock sand wall floor background front behind top under inside outside near next
 sks zwx ohwx concept token subject object scene light lighting shadow sunset sunrise morning evening
 made wearing holding riding next top bottom left right center middle side one two three four five
-square circle triangle cross
+square circle triangle cross brick
 """.split()
 
 
@@ -356,6 +356,59 @@ def build_tiny_sd3(out_dir, variant: str = "sd3", seed: int = 0) -> Path:
     write_model_index(out, {**components, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
                             "transformer": ["diffusers", "SD3Transformer2DModel"],
                             "vae": ["diffusers", "AutoencoderKL"]})
+    return out
+
+
+# SD3.5 Medium's published configs (stabilityai/stable-diffusion-3.5-medium): for benchmarks at the real size.
+SD35M = dict(
+    transformer=dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    vae=dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), latent_channels=16,
+             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+             layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+             use_quant_conv=False, use_post_quant_conv=False),
+    clip_l=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                projection_dim=768, hidden_act="quick_gelu"),
+    clip_g=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                projection_dim=1280, hidden_act="gelu"),
+    t5=dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, num_decoder_layers=24,
+            relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu"),
+)
+
+
+def build_sd35m(out_dir, device="cuda", dtype=torch.bfloat16, seed: int = 0) -> Path:
+    """A random-weight pipeline folder with SD3.5 Medium's real model configs (2.24 B transformer, SD3 VAE, CLIP-L,
+    CLIP-G, T5-XXL: ~15 GB in bf16), for benchmarks; the tokenizers are the tiny generated ones (the vocabularies
+    keep their real sizes). Built directly on ``device`` in ``dtype`` (a GPU builds it in about a minute)."""
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ids_1 = _write_clip_tokenizer(out / "tokenizer", pad_token=EOS_TOKEN)
+    ids_2 = _write_clip_tokenizer(out / "tokenizer_2", pad_token="!")
+    _write_t5_tokenizer(out / "tokenizer_3")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        for sub, ids, dims in (("text_encoder", ids_1, SD35M["clip_l"]), ("text_encoder_2", ids_2, SD35M["clip_g"])):
+            config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=ids["bos"],
+                                    eos_token_id=ids["eos"], pad_token_id=ids["pad"], **dims)
+            CLIPTextModelWithProjection(config).to(dtype).save_pretrained(out / sub, safe_serialization=True)
+        T5EncoderModel(T5Config(vocab_size=32128, is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
+                                decoder_start_token_id=0, **SD35M["t5"])).to(dtype).save_pretrained(
+            out / "text_encoder_3", safe_serialization=True)
+        SD3Transformer2DModel(**SD35M["transformer"]).to(dtype).save_pretrained(out / "transformer",
+                                                                              safe_serialization=True)
+        AutoencoderKL(**SD35M["vae"]).to(dtype).save_pretrained(out / "vae", safe_serialization=True)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(out / "scheduler")
+    write_model_index(out, {"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                            "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                            "text_encoder_3": ["transformers", "T5EncoderModel"],
+                            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                            "tokenizer_3": ["transformers", "T5TokenizerFast"],
+                            "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]})
     return out
 
 

@@ -10,7 +10,7 @@ object colour, shape and position), seen through
 1. the project's tiny CLIP-L / CLIP-G / T5 text encoders (``utils/tiny_sd3.py``, variant sd35, seed 0), frozen,
    with prompts padded to 16 tokens for CLIP and for T5 (``--max_sequence_length 16`` in every script that runs
    the world: captions have at most 12 tokens, and a short joint attention makes the world fast);
-2. a VAE (``AutoencoderKL``, 8 latent channels, downsampling 2) trained on world images and random striped /
+2. a VAE (``AutoencoderKL``, 16 latent channels, downsampling 2) trained on world images and random striped /
    chequered textures of any colour, so that it is a general codec and not one fitted to the concept;
 3. an ``SD3Transformer2DModel`` with SD3.5 features (patch 2, MMDiT-X dual attention in the first half of the
    blocks, RMS qk-norm) trained with rectified flow on the 600 world scenes and their randomly shortened
@@ -297,15 +297,28 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     return np.concatenate(images)
 
 
-def attribute_accuracy(pipe, scenes: list, steps: int, guidance: float) -> dict:
-    """Fraction of fixed-seed samples of full captions whose every attribute reads back right, per attribute."""
+def attribute_hits(pipe, scenes: list, steps: int, guidance: float) -> dict:
+    """Per attribute, a string with one character per fixed-seed sample of the scenes' full captions: "1" where the
+    attribute reads back right, "0" where not (kept in the report, so a check can repeat part of the measurement)."""
     images = generate(pipe, [world.caption(s) for s in scenes], list(range(len(scenes))), steps, guidance)
-    hits = {key: 0 for key in GATES}
-    for scene, image in zip(scenes, images):
-        read = world.read_attributes(image)
-        for key in GATES:
-            hits[key] += read[key] == getattr(scene, key)
-    return {key: hits[key] / len(scenes) for key in GATES}
+    reads = [world.read_attributes(image) for image in images]
+    return {key: "".join("1" if read[key] == getattr(scene, key) else "0" for scene, read in zip(scenes, reads))
+            for key in GATES}
+
+
+def attribute_accuracy(pipe, scenes: list, steps: int, guidance: float) -> dict:
+    """Fraction of fixed-seed samples of full captions whose attribute reads back right, per attribute."""
+    hits = attribute_hits(pipe, scenes, steps, guidance)
+    return {key: value.count("1") / len(value) for key, value in hits.items()}
+
+
+def vae_fidelities(vae, args) -> list[float]:
+    """Concept fidelity of each concept training image after a VAE round trip (encode to the mean, decode)."""
+    concept = np.stack([world.render(world.concept_scene(bg, pos)) for bg, pos in world.CONCEPT_SCENES])
+    with torch.no_grad():
+        pixels = to_pixels(concept).to(args.device)
+        round_trip = to_uint8(vae.decode(vae.encode(pixels).latent_dist.mean).sample)
+    return [world.concept_fidelity(image) for image in round_trip]
 
 
 def measure_gates(model_dir: Path, args) -> dict:
@@ -313,15 +326,12 @@ def measure_gates(model_dir: Path, args) -> dict:
     pipe = StableDiffusion3Pipeline.from_pretrained(str(model_dir), dtype=torch.float32).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     scenes = eval_scenes(args.eval_samples, seed=1234)
-    accuracy = attribute_accuracy(pipe, scenes, args.eval_steps, args.guidance_scale)
+    hits = attribute_hits(pipe, scenes, args.eval_steps, args.guidance_scale)
+    accuracy = {key: value.count("1") / len(value) for key, value in hits.items()}
 
-    concept = np.stack([world.render(world.concept_scene(bg, pos)) for bg, pos in world.CONCEPT_SCENES])
-    with torch.no_grad():
-        pixels = to_pixels(concept).to(args.device)
-        round_trip = to_uint8(pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample)
-    fidelity = [world.concept_fidelity(image) for image in round_trip]
-    report = {"samples": len(scenes), "max_sequence_length": TEXT_LENGTH, "eval_steps": args.eval_steps, "guidance_scale": args.guidance_scale,
-              "accuracy": accuracy, "vae_concept_fidelity": float(np.mean(fidelity)),
+    fidelity = vae_fidelities(pipe.vae, args)
+    report = {"samples": len(scenes), "max_sequence_length": TEXT_LENGTH, "eval_steps": args.eval_steps,
+              "guidance_scale": args.guidance_scale, "accuracy": accuracy, "hits": hits, "vae_concept_fidelity": float(np.mean(fidelity)),
               "vae_concept_fidelity_min": float(np.min(fidelity)),
               "gates": {**{key: f">= {value}" for key, value in GATES.items()},
                         "vae_concept_fidelity": f">= {VAE_FIDELITY_GATE}"}}

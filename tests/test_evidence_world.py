@@ -1,0 +1,86 @@
+"""The committed evidence world (data/toy_world, built by scripts/build_toy_world.py): small, described truthfully
+by its gate report, and usable by the project's unchanged training scripts and pipeline."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusion3Pipeline
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+import build_toy_world  # noqa: E402
+
+from utils import toy_world as world  # noqa: E402
+
+WORLD = REPO_ROOT / "data" / "toy_world"
+pytestmark = pytest.mark.xdist_group("toy_world")
+
+
+def committed_report() -> dict:
+    return json.loads((WORLD / "build_report.json").read_text())
+
+
+def test_world_is_small_and_its_report_is_consistent():
+    size = sum(path.stat().st_size for path in WORLD.rglob("*") if path.is_file())
+    assert size < 20 * 2 ** 20, f"{size / 2 ** 20:.1f} MiB"
+    report = committed_report()
+    assert report["samples"] >= 200 and set(report["accuracy"]) == set(build_toy_world.GATES)
+    passed = all(report["accuracy"][key] >= gate for key, gate in build_toy_world.GATES.items()) \
+        and report["vae_concept_fidelity"] >= build_toy_world.VAE_FIDELITY_GATE
+    assert report["passed"] == passed
+
+
+def test_world_reproduces_its_gate_report():
+    """The build's own measurement repeated on its first 60 fixed-seed samples (the report keeps every sample's
+    result), and the VAE round trip of the concept: the committed model is the one its report describes."""
+    torch.set_num_threads(1)
+    committed = committed_report()
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(WORLD / "model"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    scenes = build_toy_world.eval_scenes(committed["samples"], seed=1234)[:60]
+    hits = build_toy_world.attribute_hits(pipe, scenes, committed["eval_steps"], committed["guidance_scale"])
+    for key, value in hits.items():
+        differing = sum(a != b for a, b in zip(value, committed["hits"][key][:60]))
+        assert differing <= 2, (key, value, committed["hits"][key][:60])  # 2 of 60 for floating-point ties
+    args = build_toy_world.parse_args(["--output_dir", str(WORLD)])
+    assert np.mean(build_toy_world.vae_fidelities(pipe.vae, args)) == pytest.approx(
+        committed["vae_concept_fidelity"], abs=0.01)
+
+
+def test_short_runs_on_the_world_load_and_change_its_samples(tmp_path):
+    """30-step stage 1 and stage 2 through the unchanged scripts; their LoRAs load into the world's pipeline and
+    change what it draws for the concept prompt."""
+    import train_stage1_sd3
+    import train_stage2_v2_sd3
+
+    from utils.generation import add_loras
+
+    common = ["--pretrained_model_name_or_path", str(WORLD / "model"), "--data_path", str(WORLD), "--csv_name",
+              "sks_toy.csv", "--resolution", "32", "--max_sequence_length", "16", "--max_train_steps", "30",
+              "--learning_rate", "2e-3", "--report_to", "none", "--checkpointing_steps", "1000"]
+    extractor = tmp_path / "base_ckpt" / "sks_toy"
+    train_stage1_sd3.main(common + ["--output_dir", str(extractor), "--stage1_prompt_column", "prompt"])
+    train_stage2_v2_sd3.main(common + ["--output_dir", str(tmp_path), "--stage1_output_dir", str(extractor),
+                                       "--eta", "1.0"])
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(WORLD / "model"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [world.caption(world.concept_scene(bg, pos)) for bg, pos in world.CONCEPT_SCENES[:3]]
+
+    def draw():
+        out = pipe(prompt=prompts, num_inference_steps=8, guidance_scale=5.0, height=32, width=32,
+                   generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
+                   max_sequence_length=16, output_type="np").images
+        return np.asarray(out)
+
+    base = draw()
+    names = add_loras(pipe, [extractor, tmp_path / "sks_toy"], [None, None])
+    for name in names:
+        pipe.set_adapters([name], adapter_weights=[1.0])
+        change = np.abs(draw() - base).mean()
+        assert change > 0.005, (name, change)  # > ~1.3 grey levels on average

@@ -84,3 +84,34 @@ def test_short_runs_on_the_world_load_and_change_its_samples(tmp_path):
         pipe.set_adapters([name], adapter_weights=[1.0])
         change = np.abs(draw() - base).mean()
         assert change > 0.005, (name, change)  # > ~1.3 grey levels on average
+
+
+def test_evidence_script_trains_scores_and_reports(tmp_path):
+    """scripts/evidence.py end to end at a tiny budget: every requested model is a table row, the base model
+    agrees with itself exactly, the stage-2 rows carry the PureCC statistics and the grid has one strip per row."""
+    import evidence
+    from PIL import Image
+
+    out = tmp_path / "ev"
+    assert evidence.main(["--seeds", "0", "--steps", "3", "--variants", "stage1,purecc", "--concept_prompts", "2",
+                          "--plain_prompts", "2", "--sample_steps", "2", "--output_dir", str(out)]) == 0
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    labels = ["base model", evidence.VARIANTS["stage1"][0], evidence.VARIANTS["purecc"][0]]
+    assert list(summary) == labels
+    base = summary["base model"]
+    assert base["agrees_with_base"]["mean"] == 1.0 and base["pixel_change"]["mean"] == 0.0
+    assert base["layout_iou"]["mean"] is not None and base["pure_share"]["mean"] is None
+    assert summary[labels[1]]["lambda_mean"]["mean"] is None
+    purecc = summary[labels[2]]
+    assert 0.0 < purecc["pure_share"]["mean"] < 1.0 and 0.0 <= purecc["lambda_at_min"]["mean"] <= 1.0
+    table = (out / "results.md").read_text().splitlines()
+    assert len(table) == 2 + len(labels) and all(label in "".join(table) for label in labels)
+    assert Image.open(out / "grid.png").size == (3 * 4 * world.SIZE, 3 * len(labels) * world.SIZE)
+    assert not (out / "seed0").exists()  # the LoRAs are removed, the numbers kept
+
+
+def test_evidence_script_rejects_an_unknown_variant(tmp_path):
+    import evidence
+
+    with pytest.raises(SystemExit, match="--variants: unknown \\['nope'\\]"):
+        evidence.main(["--variants", "stage1,nope", "--output_dir", str(tmp_path)])

@@ -1,0 +1,252 @@
+"""Evidence on the toy world: does stage 2 (PureCC) learn the concept while changing the model less than stage 1?
+
+    bash scripts/evidence.sh                      # or: python scripts/evidence.py [--seeds 0,1,2] [--steps N]
+
+On the pretrained toy world (data/toy_world: scripts/build_toy_world.py, docs/evidence.md) it trains, for each
+seed, stage 1 (the DreamBooth LoRA, also the extractor; trained on the CSV's full captions, --stage1_prompt_column
+prompt, as a DreamBooth user captions images) and stage 2 with the paper's setting (eta 1, adaptive lambda*) and
+its ablations, all with the same step budget and learning rate, through the project's own scripts; then renders
+every model with the same sampling seeds and scores it with the world's exact evaluators (utils/toy_world.py):
+
+    fidelity          concept fidelity of "a sks toy on <background>, <position>" images (0..1), and the share of
+                      images >= 0.5 (the concept learned)
+    context kept      on those images, background and position are the prompt's (ΔCLIP-T(base)'s analogue)
+    layout IoU        IoU of the background mask of that image and of the base model's "a toy on ..." image, same
+                      seed (Seg-Cons' analogue)
+    attribute acc.    on prompts WITHOUT the concept, the share of attributes drawn as the prompt says
+    agrees with base  on those prompts, the share of attributes read the same as in the base model's image
+    pixel change      on those prompts, mean |image - base model's image| (0..1)
+
+plus, from training, the PureCC term's share of the loss and lambda* (mean, and the share clamped at the lower
+bound). Writes OUTPUT_DIR/results.md (mean ± standard error over seeds), results.json and grid.png (rows = models,
+same seeds), and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableDiffusion3Pipeline
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+import train_stage1_sd3 as stage1  # noqa: E402
+import train_stage2_v2_sd3 as stage2  # noqa: E402
+from utils import toy_world as world  # noqa: E402
+from utils.generation import adapter_name, add_loras  # noqa: E402
+
+WORLD = REPO_ROOT / "data" / "toy_world"
+TEXT_LENGTH = 16  # the world's prompts are padded to 16 tokens (scripts/build_toy_world.py)
+# key -> (row label, stage, flags): stage 2 rows use stage 1 of the same seed as their extractor
+VARIANTS = {
+    "stage1": ("stage 1 (DreamBooth LoRA)", 1, ["--stage1_prompt_column", "prompt"]),
+    "purecc": ("stage 2: PureCC, eta 1, λ* clamped at 0", 2, ["--eta", "1.0", "--lambda_min", "0"]),
+    "unclamped": ("stage 2: λ* unclamped (Eq. 12 as written)", 2,
+                  ["--eta", "1.0", "--lambda_min=-inf", "--lambda_max=inf"]),
+    "eta0": ("stage 2: eta 0 (L_CC only)", 2, ["--eta", "0"]),
+    "fixed": ("stage 2: fixed λ 1", 2, ["--eta", "1.0", "--lambda_mode", "fixed", "--fix_lambda", "1.0"]),
+    "extractor_base": ("stage 2: extractor = base model", 2,
+                       ["--eta", "1.0", "--lambda_min", "0", "--extractor_mode", "base"]),
+    "frozen_branch": ("stage 2: frozen original branch", 2,
+                      ["--eta", "1.0", "--lambda_min", "0", "--original_branch", "frozen"]),
+}
+COLUMNS = ("fidelity", "learned", "context_kept", "layout_iou", "attribute_accuracy", "agrees_with_base",
+           "pixel_change", "pure_share", "lambda_mean", "lambda_at_min")
+HEADERS = ("fidelity", "learned (≥0.5)", "context kept", "layout IoU", "attribute acc.", "agrees with base",
+           "pixel change", "PureCC share of loss", "λ* mean", "λ* at lower bound")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", default=str(WORLD), help="The toy world: model/ and sks_toy.csv.")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=300, help="Optimizer steps of every run (stage 1 and stage 2 alike).")
+    p.add_argument("--learning_rate", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of {', '.join(VARIANTS)}.")
+    p.add_argument("--concept_prompts", type=int, default=10, help="Concept prompts rendered per model.")
+    p.add_argument("--plain_prompts", type=int, default=20, help="Prompts without the concept rendered per model.")
+    p.add_argument("--sample_steps", type=int, default=12)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--output_dir", default=str(REPO_ROOT / "output" / "evidence"))
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------- training
+def train_all(args, variants: list, seed: int, out: Path) -> dict:
+    """Every variant of one seed: {key: (LoRA folder, training history)}."""
+    world_dir = Path(args.world)
+    common = ["--pretrained_model_name_or_path", str(world_dir / "model"), "--data_path", str(world_dir),
+              "--csv_name", "sks_toy.csv", "--resolution", "32", "--max_sequence_length", str(TEXT_LENGTH),
+              "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--rank",
+              str(args.rank), "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "100000",
+              "--overwrite_output_dir"]  # no --random_flip: a mirrored image would swap left and right
+    runs = {}
+    stage1_dir = out / "base_ckpt" / "sks_toy"
+    for key in variants:
+        label, stage, flags = VARIANTS[key]
+        started = time.time()
+        if stage == 1:
+            result = stage1.main(common + ["--output_dir", str(stage1_dir), *flags])
+            folder = stage1_dir
+        else:
+            root = out / key
+            result = stage2.main(common + ["--output_dir", str(root), "--stage1_output_dir", str(stage1_dir), *flags])
+            folder = root / "sks_toy"
+        runs[key] = (folder, result.history)
+        print(f"[evidence] seed {seed}: {label}: {time.time() - started:.0f} s", flush=True)
+    return runs
+
+
+def training_stats(history: list[dict], stage: int, eta: float) -> dict:
+    """The PureCC term's share of the loss and lambda*, averaged over the run (stage 1: none)."""
+    if stage == 1:
+        return {"pure_share": None, "lambda_mean": None, "lambda_at_min": None}
+    share = [eta * h["pri_loss"] / h["loss"] for h in history if h["loss"] > 0]
+    return {"pure_share": float(np.mean(share)), "lambda_mean": float(np.mean([h["lambda"] for h in history])),
+            "lambda_at_min": float(np.mean([h["lambda_at_min"] for h in history]))}
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+def eval_prompts(args) -> tuple[list, list]:
+    """(concept scenes, plain scenes), fixed: the concept in varied contexts (not only its training ones), and
+    full-caption scenes without it."""
+    rng = random.Random(2026)
+    contexts = [(bg, pos) for bg in world.COLORS for pos in world.POSITIONS]
+    rng.shuffle(contexts)
+    concept = [world.concept_scene(bg, pos) for bg, pos in contexts[: args.concept_prompts]]
+    scenes = world.all_scenes()
+    plain = [scenes[rng.randrange(len(scenes))] for _ in range(args.plain_prompts)]
+    return concept, plain
+
+
+def render(pipe, prompts: list[str], args, first_seed: int) -> np.ndarray:
+    """uint8 [N, 32, 32, 3]: prompt i with generator seed first_seed + i (the same for every model)."""
+    out = pipe(prompt=prompts, negative_prompt=[""] * len(prompts), num_inference_steps=args.sample_steps,
+               guidance_scale=args.guidance_scale, height=world.SIZE, width=world.SIZE,
+               generator=[torch.Generator().manual_seed(first_seed + i) for i in range(len(prompts))],
+               max_sequence_length=TEXT_LENGTH, output_type="np").images
+    return (out * 255).round().astype(np.uint8)
+
+
+def model_images(pipe, args, concept: list, plain: list) -> dict:
+    return {"concept": render(pipe, [world.caption(s) for s in concept], args, 1000),
+            "plain": render(pipe, [world.caption(s) for s in plain], args, 2000)}
+
+
+def score(images: dict, base: dict, concept: list, plain: list) -> dict:
+    fidelity = [world.concept_fidelity(im) for im in images["concept"]]
+    kept, layout = [], []
+    for scene, image, base_image in zip(concept, images["concept"], base["concept_base_prompt"]):
+        read = world.read_attributes(image)
+        kept.append(read["background"] == scene.background and read["position"] == scene.position)
+        layout.append(world.background_iou(image, base_image))
+    accuracy, agreement = [], []
+    for scene, image, base_image in zip(plain, images["plain"], base["plain"]):
+        read, base_read = world.read_attributes(image), world.read_attributes(base_image)
+        for key in ("background", "color", "shape", "position"):
+            accuracy.append(read[key] == getattr(scene, key))
+            agreement.append(read[key] == base_read[key])
+    change = np.abs(images["plain"].astype(np.float64) - base["plain"].astype(np.float64)).mean() / 255.0
+    return {"fidelity": float(np.mean(fidelity)), "learned": float(np.mean([f >= 0.5 for f in fidelity])),
+            "context_kept": float(np.mean(kept)), "layout_iou": float(np.mean(layout)),
+            "attribute_accuracy": float(np.mean(accuracy)), "agrees_with_base": float(np.mean(agreement)),
+            "pixel_change": float(change)}
+
+
+def load_world(args) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(args.world) / "model"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------- report
+def mean_se(values: list) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = float(np.mean(values))
+    se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+    return mean, se
+
+
+def markdown(rows: dict) -> str:
+    lines = ["| model | " + " | ".join(HEADERS) + " |", "|---" * (len(HEADERS) + 1) + "|"]
+    for name, stats in rows.items():
+        cells = []
+        for key in COLUMNS:
+            mean, se = stats[key]
+            cells.append("—" if mean is None else f"{mean:.3f} ± {se:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_grid(path: Path, rows: dict, columns: int = 6) -> None:
+    """Rows = models; columns = up to columns//2 concept prompts then as many plain prompts, same seeds."""
+    half = columns // 2
+    strips = [np.concatenate(list(images["concept"][:half]) + list(images["plain"][:half]), axis=1)
+              for images in rows.values()]
+    grid = np.concatenate(strips, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: --variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    if not (Path(args.world) / "model" / "model_index.json").is_file():
+        raise SystemExit(f"error: no toy world in {args.world}: build it with python scripts/build_toy_world.py")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.output_dir)
+    started = time.time()
+    concept, plain = eval_prompts(args)
+    pipe = load_world(args)
+    base = model_images(pipe, args, concept, plain)
+    base["concept_base_prompt"] = render(pipe, [world.base_caption(s) for s in concept], args, 1000)
+    per_seed = {"base model": [score(base, base, concept, plain) | training_stats([], 1, 0)]}
+    grid_rows = {"base model": base}
+    for seed in seeds:
+        runs = train_all(args, variants, seed, out / f"seed{seed}")
+        names = add_loras(pipe, [folder for folder, _ in runs.values()], [None] * len(runs))
+        for index, (key, (folder, history)) in enumerate(runs.items()):
+            pipe.set_adapters([names[index]], adapter_weights=[1.0])
+            images = model_images(pipe, args, concept, plain)
+            label, stage, flags = VARIANTS[key]
+            eta = float(flags[flags.index("--eta") + 1]) if "--eta" in flags else 0.0
+            per_seed.setdefault(label, []).append(score(images, base, concept, plain) |
+                                                  training_stats(history, stage, eta))
+            if seed == seeds[0]:
+                grid_rows[label] = images
+        pipe.delete_adapters(names)
+    rows = {name: {key: mean_se([s[key] for s in scores]) for key in COLUMNS} for name, scores in per_seed.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    settings = {k: v for k, v in vars(args).items()}
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps({"settings": settings, "per_seed": per_seed, "summary": {
+        name: {key: {"mean": m, "se": se} for key, (m, se) in stats.items()} for name, stats in rows.items()},
+        "minutes": round((time.time() - started) / 60, 1)}, indent=2) + "\n")
+    save_grid(out / "grid.png", grid_rows)
+    for seed in seeds:  # the LoRAs are not needed afterwards; the numbers are
+        shutil.rmtree(out / f"seed{seed}", ignore_errors=True)
+    print(table)
+    print(f"[evidence] {len(seeds)} seed(s) in {(time.time() - started) / 60:.1f} min: {out / 'results.md'}, "
+          f"{out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

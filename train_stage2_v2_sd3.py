@@ -50,9 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--fix_lambda", type=float, default=1.0)
     parser.add_argument("--lambda_min", type=float, default=0.0, help="Clamp of lambda* below (-inf: none).")
     parser.add_argument("--lambda_max", type=float, default=5.0, help="Clamp of lambda* above (inf: none).")
-    parser.add_argument("--original_branch", default="trainable", choices=["trainable", "frozen"],
-                        help="trainable: v_base from the trainable LoRA (the paper's dual branch); frozen: from the "
-                             "base model (supplement section 14).")
+    parser.add_argument("--original_branch", default="trainable", choices=["trainable", "frozen", "detached"],
+                        help="trainable: v_base from the trainable LoRA, with gradient (the paper's dual branch); "
+                             "frozen: from the base model (supplement section 14); detached: from the trainable "
+                             "LoRA without gradient (a diagnostic: L_pure then moves only v).")
     parser.add_argument("--stage1_output_dir", "--extractor_lora", dest="stage1_output_dir", default=None,
                         help="The stage-1 output folder (either LoRA format; its learned token too, if it has one). "
                              "Default: <output_dir>/base_ckpt/<csv stem>, else <output_dir>/base_ckpt.")
@@ -194,7 +195,7 @@ def main(argv=None):
     def concept_and_original(noised, batch, klass):
         """v = F_theta(x_t, t, prompt) and v_base = F_theta(x_t, t, base_prompt) in one pass with the class images
         (the paper's dual branch); with --original_branch frozen, v_base is the base model's, no grad (supplement
-        section 14)."""
+        section 14); with detached, the trainable model's without gradient."""
         if args.original_branch == "frozen":
             with torch.no_grad(), adapters_disabled(transformer):
                 [v_base] = predict(trainer.model, prompt_cache, [(noised, batch["base_prompt"])], weight_dtype)
@@ -203,6 +204,8 @@ def main(argv=None):
             v, v_base, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]),
                                                                            (noised, batch["base_prompt"]), *klass],
                                              weight_dtype)
+            if args.original_branch == "detached":
+                v_base = v_base.detach()
         return v, v_base, class_pred
 
     def step(batch, generator):

@@ -60,6 +60,8 @@ VARIANTS = {
                        ["--eta", "1.0", "--lambda_min", "0", "--extractor_mode", "base"]),
     "frozen_branch": ("stage 2: frozen original branch", 2,
                       ["--eta", "1.0", "--lambda_min", "0", "--original_branch", "frozen"]),
+    "detached_branch": ("stage 2: trainable branch, v_base detached", 2,
+                        ["--eta", "1.0", "--lambda_min", "0", "--original_branch", "detached"]),
 }
 COLUMNS = ("fidelity", "learned", "context_kept", "layout_iou", "attribute_accuracy", "agrees_with_base",
            "pixel_change", "pure_share", "lambda_mean", "lambda_at_min")

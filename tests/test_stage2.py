@@ -166,9 +166,10 @@ def test_lambda_logged(tiny_sd35_path, extractors, tmp_path, mode):
     assert all(h["loss"] == pytest.approx(h["diff_loss"] + 2.0 * h["pri_loss"], rel=1e-5) for h in history)
 
 
-@pytest.mark.parametrize("branch", ["trainable", "frozen"])
+@pytest.mark.parametrize("branch", ["trainable", "frozen", "detached"])
 def test_original_branch_gradient(tiny_sd35_path, extractors, tmp_path, monkeypatch, branch):
-    """Eq. 9's v_base carries gradient from the trainable branch; the supplement's frozen branch carries none."""
+    """Eq. 9's v_base carries gradient from the trainable branch; the supplement's frozen branch and the detached
+    diagnostic carry none."""
     seen = []
     real_loss = stage2.purecc_loss
 

@@ -15,6 +15,9 @@ from helpers import DATA, launch, lora_tensors, stage1, stage2
 
 from utils.checks import BadInput, RunFailed
 
+# one worker runs this module: the two-process stage-1 run below is its fixture, built once rather than per worker
+pytestmark = pytest.mark.xdist_group("distributed")
+
 def free_port() -> str:
     """A port nobody listens on: two test workers launching at once must not share torchrun's default 29500."""
     with socket.socket() as probe:

@@ -27,10 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import random
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -82,33 +85,58 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=12)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--output_dir", default=str(REPO_ROOT / "output" / "evidence"))
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="Training processes (one torch thread each); the table does not depend on it.")
     return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_all(args, variants: list, seed: int, out: Path) -> dict:
-    """Every variant of one seed: {key: (LoRA folder, training history)}."""
+def train_one(args, key: str, seed: int, out: Path) -> tuple:
+    """One model of one seed through the project's own script: (LoRA folder, training history). Stage-2 rows use
+    the stage-1 model of the same seed as their extractor."""
     world_dir = Path(args.world)
     common = ["--pretrained_model_name_or_path", str(world_dir / "model"), "--data_path", str(world_dir),
               "--csv_name", "sks_toy.csv", "--resolution", "32", "--max_sequence_length", str(TEXT_LENGTH),
               "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--rank",
               str(args.rank), "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "100000",
               "--overwrite_output_dir"]  # no --random_flip: a mirrored image would swap left and right
-    runs = {}
+    label, stage, flags = VARIANTS[key]
+    started = time.time()
     stage1_dir = out / "base_ckpt" / "sks_toy"
-    for key in variants:
-        label, stage, flags = VARIANTS[key]
-        started = time.time()
-        if stage == 1:
-            result = stage1.main(common + ["--output_dir", str(stage1_dir), *flags])
-            folder = stage1_dir
-        else:
-            root = out / key
-            result = stage2.main(common + ["--output_dir", str(root), "--stage1_output_dir", str(stage1_dir), *flags])
-            folder = root / "sks_toy"
-        runs[key] = (folder, result.history)
-        print(f"[evidence] seed {seed}: {label}: {time.time() - started:.0f} s", flush=True)
-    return runs
+    if stage == 1:
+        result, folder = stage1.main(common + ["--output_dir", str(stage1_dir), *flags]), stage1_dir
+    else:
+        result = stage2.main(common + ["--output_dir", str(out / key), "--stage1_output_dir", str(stage1_dir), *flags])
+        folder = out / key / "sks_toy"
+    print(f"[evidence] seed {seed}: {label}: {time.time() - started:.0f} s", flush=True)
+    return folder, result.history
+
+
+def train_all(args, variants: list, seeds: list, out: Path) -> dict:
+    """{seed: {key: (LoRA folder, history)}} for every seed and variant, in ``args.jobs`` processes (one torch
+    thread each). Every run depends only on its seed and flags, so the result is the same for any number of jobs;
+    a seed's stage-2 runs start once its stage 1 is done."""
+    runs = {seed: {} for seed in seeds}
+    first = ["stage1"] if "stage1" in variants else []
+    later = [key for key in variants if key not in first]
+    if args.jobs == 1:
+        for seed in seeds:
+            for key in first + later:
+                runs[seed][key] = train_one(args, key, seed, out / f"seed{seed}")
+    else:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            pending = {pool.submit(train_one, args, key, seed, out / f"seed{seed}"): (seed, key)
+                       for seed in seeds for key in (first or later)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    seed, key = pending.pop(future)
+                    runs[seed][key] = future.result()
+                    if first and key == first[0]:
+                        pending.update({pool.submit(train_one, args, later_key, seed, out / f"seed{seed}"):
+                                        (seed, later_key) for later_key in later})
+    return {seed: {key: runs[seed][key] for key in variants} for seed in seeds}
 
 
 def training_stats(history: list[dict], stage: int, eta: float) -> dict:
@@ -211,6 +239,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --variants: unknown {unknown}; choose from {list(VARIANTS)}")
     if not (Path(args.world) / "model" / "model_index.json").is_file():
         raise SystemExit(f"error: no toy world in {args.world}: build it with python scripts/build_toy_world.py")
+    if args.jobs < 1:
+        raise SystemExit(f"error: --jobs must be 1 or more, got {args.jobs}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.output_dir)
     started = time.time()
@@ -220,8 +250,9 @@ def main(argv=None) -> int:
     base["concept_base_prompt"] = render(pipe, [world.base_caption(s) for s in concept], args, 1000)
     per_seed = {"base model": [score(base, base, concept, plain) | training_stats([], 1, 0)]}
     grid_rows = {"base model": base}
+    trained = train_all(args, variants, seeds, out)
     for seed in seeds:
-        runs = train_all(args, variants, seed, out / f"seed{seed}")
+        runs = trained[seed]
         names = add_loras(pipe, [folder for folder, _ in runs.values()], [None] * len(runs))
         for index, (key, (folder, history)) in enumerate(runs.items()):
             pipe.set_adapters([names[index]], adapter_weights=[1.0])

@@ -340,7 +340,9 @@ def test_the_project_stands_alone():
                  *(REPO_ROOT / "data").glob("*.py")]:
         text = path.read_text(errors="ignore")
         for line in text.splitlines():
+            listing_docs = line.startswith("docs/")  # the README's layout lists docs/ by file name
             if "pitfalls.md" in line or "shared/reference" in line or (
-                    "method.md" in line and "docs/method.md" not in line and path.name != "method.md"):
+                    "method.md" in line and "docs/method.md" not in line and path.name != "method.md"
+                    and not listing_docs):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}: {line.strip()}")
     assert not offenders, offenders

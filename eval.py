@@ -307,19 +307,13 @@ def velocity_metrics(args, config: EvalConfig, pipe, originals: list) -> dict:
 
 
 def toy_metrics(images: list, originals: list, base_prompts: list) -> dict:
-    """The toy world's exact evaluators on a model's concept-prompt images: concept fidelity, whether background
-    and position are those the base prompt names, and the layout IoU with the original image."""
-    fidelity, kept, layout = [], [], []
-    for row, original_row, base in zip(images, originals, base_prompts):
-        wanted = toy_world.parse_caption(base)
-        for image, original in zip(row, original_row):
-            array, original_array = np.asarray(image), np.asarray(original)
-            read = toy_world.read_attributes(array)
-            fidelity.append(toy_world.concept_fidelity(array))
-            kept.append(all(read[key] == wanted[key] for key in ("background", "position") if key in wanted))
-            layout.append(toy_world.background_iou(array, original_array))
-    return {"toy_concept_fidelity": float(np.mean(fidelity)), "toy_context_kept": float(np.mean(kept)),
-            "toy_layout_iou": float(np.mean(layout))}
+    """The toy world's exact evaluators on a model's concept-prompt images (utils/toy_world.concept_scores)."""
+    pairs = [(image, original, toy_world.parse_caption(base))
+             for row, original_row, base in zip(images, originals, base_prompts)
+             for image, original in zip(row, original_row)]
+    scores = toy_world.concept_scores(*zip(*pairs))
+    return {"toy_concept_fidelity": scores["fidelity"], "toy_context_kept": scores["context_kept"],
+            "toy_layout_iou": scores["layout_iou"]}
 
 
 def score(args, config: EvalConfig, pipe) -> tuple[dict, dict]:

@@ -67,6 +67,22 @@ def test_background_iou_hand_values():
     assert world.background_iou(a, b) == pytest.approx(expected)
 
 
+
+def test_concept_scores_hand_values():
+    """Two concept images: a true render where asked (fidelity 1, context kept, same layout as the base image)
+    and a plain red disc at another position than asked (fidelity 0, context not kept, half the object area
+    moved)."""
+    true = world.render(world.concept_scene("green", "top left"))
+    base = world.render(world.Scene("green", "red", "circle", "top left"))
+    moved = world.render(world.Scene("green", "red", "circle", "bottom right"))
+    scores = world.concept_scores([true, moved], [base, base],
+                                  [{"background": "green", "position": "top left"}] * 2)
+    assert scores["fidelity"] == pytest.approx(0.5) and scores["learned"] == 0.5
+    assert scores["context_kept"] == 0.5
+    disc = world.shape_mask("circle", "top left").sum()
+    free = world.SIZE ** 2 - disc
+    assert scores["layout_iou"] == pytest.approx((1.0 + (free - disc) / (free + disc)) / 2)
+
 def test_captions_parse_back_and_drop_parts():
     for scene in world.all_scenes()[::7]:
         text = world.caption(scene)

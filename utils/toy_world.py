@@ -247,6 +247,22 @@ def background_iou(first: np.ndarray, second: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
+
+def concept_scores(images: list, base_images: list, wanted: list[dict]) -> dict:
+    """The concept images of a model scored against the base model's images of the base prompts, same seeds:
+    mean concept fidelity and the share of images >= 0.5 (the concept learned), the share whose background and
+    position are those ``wanted`` names (the ΔCLIP-T(base) analogue), and the mean IoU of the two images'
+    background masks (the Seg-Cons analogue)."""
+    fidelity, kept, layout = [], [], []
+    for image, base_image, want in zip(images, base_images, wanted, strict=True):
+        image = np.asarray(image)
+        read = read_attributes(image)
+        fidelity.append(concept_fidelity(image))
+        kept.append(all(read[key] == want[key] for key in ("background", "position") if key in want))
+        layout.append(background_iou(image, base_image))
+    return {"fidelity": float(np.mean(fidelity)), "learned": float(np.mean([f >= 0.5 for f in fidelity])),
+            "context_kept": float(np.mean(kept)), "layout_iou": float(np.mean(layout))}
+
 # ----------------------------------------------------------------------------------------------- files
 def write_concept(folder, csv_path=None) -> Path:
     """The concept's training images (PNG) and its five-column concept CSV; returns the CSV path.

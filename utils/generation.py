@@ -4,7 +4,6 @@ with one seeded CPU generator per image so every model sees the same noise."""
 
 from __future__ import annotations
 
-import logging
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from .checks import BadInput, require
 from .concept_token import LearnedToken, read_learned_token, register_token
 from .lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, load_lora_as_adapter, lora_format, lora_misfit
+from .quiet import dropped_log_messages
 
 PLACEHOLDER = re.compile(r"\[v(\d*)\]")  # [v] (= [v1]) or [v1] .. [vN]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,18 +90,6 @@ def lora_components_of(pipe) -> list[str]:
     """The pipeline components that carry a LoRA (the transformer, and CLIP when stage 1 trained it)."""
     return [name for name in ("transformer", "text_encoder", "text_encoder_2")
             if getattr(getattr(pipe, name, None), "peft_config", None)]
-
-
-@contextmanager
-def dropped_log_messages(logger_name: str, prefix: str):
-    """Drop one logger's records that start with ``prefix`` (everything else still shows)."""
-    logger = logging.getLogger(logger_name)
-    drop = lambda record: not record.getMessage().startswith(prefix)  # noqa: E731
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 @contextmanager

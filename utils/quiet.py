@@ -6,7 +6,8 @@
 - diffusers, on every ``model.to(dtype)``: "There are modules in X that should be kept in float32: []": the list is
   empty, so nothing is affected (a non-empty list still shows).
 
-PEFT's "Already found a `peft_config` attribute ... multiple adapters" is silenced where this project adds its
+diffusers' "No LoRA keys associated to CLIPTextModel" is dropped only while a LoRA without CLIP parts loads
+(utils/generation.load_lora: its absence is normal). PEFT's "Already found a `peft_config` attribute ... multiple adapters" is silenced where this project adds its
 second adapter on purpose (utils/lora.add_lora), not here.
 
 The project's own warnings (a skipped file, an ignored flag, an unfinished extractor) print as one line,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,17 @@ class _DropMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not any(fragment in message for fragment in self.fragments)
+
+
+@contextmanager
+def dropped_log_messages(logger_name: str, fragment: str):
+    """Drop one logger's records that contain ``fragment`` while the block runs (everything else still shows)."""
+    logger, drop = logging.getLogger(logger_name), _DropMessages(fragment)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 _default_format = warnings.formatwarning

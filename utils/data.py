@@ -8,6 +8,7 @@ Every check on user data runs here, before any model is loaded, and fails with o
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from .checks import BadInput
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CSV_COLUMNS = ("image_path", "prompt", "target_prompt", "base_prompt", "instance_word")
 PLACEHOLDER = "[v]"  # stands for the concept in prompts: the learned token if there is one, else the instance word
+NUMBERED_PLACEHOLDER = re.compile(r"\[v(\d*)\]")  # at inference, several concepts: [v] (= [v1]) or [v1] .. [vN]
 
 
 def is_image_file(path: Path) -> bool:

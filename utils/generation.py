@@ -4,7 +4,6 @@ with one seeded CPU generator per image so every model sees the same noise."""
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import torch
 
 from .checks import BadInput, require
 from .concept_token import LearnedToken, read_learned_token, register_token
+from .data import NUMBERED_PLACEHOLDER
 from .lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, load_lora_as_adapter, lora_format, lora_misfit
 from .quiet import dropped_log_messages
 
-PLACEHOLDER = re.compile(r"\[v(\d*)\]")  # [v] (= [v1]) or [v1] .. [vN]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,11 +51,11 @@ def fill_placeholders(template: str, concepts: list[str | None]) -> str:
                            f"the CSV's instance_word column), in the order of --lora.")
         return concepts[index - 1]
 
-    return PLACEHOLDER.sub(one, template)
+    return NUMBERED_PLACEHOLDER.sub(one, template)
 
 
 def has_placeholder(text: str) -> bool:
-    return PLACEHOLDER.search(text) is not None
+    return NUMBERED_PLACEHOLDER.search(text) is not None
 
 
 def adapter_name(index: int) -> str:

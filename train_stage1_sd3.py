@@ -122,8 +122,8 @@ def main(argv=None):
     # Text: every prompt encoded once, then the encoders freed, unless CLIP trains (its LoRAs or the concept token):
     # then only T5 is cached and CLIP runs every step.
     text_pipe = load_text_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype)
-    token_modules = (add_trainable_token(text_pipe, args.new_concept_token, token_initializer(args, items))
-                     if args.new_concept_token else [])
+    initializer = token_initializer(args, items)
+    token_modules = add_trainable_token(text_pipe, args.new_concept_token, initializer) if initializer else []
     encoder = PromptEncoder(text_pipe, run_prompts(args, run, [item["prompt"] for item in items]), device,
                             args.max_sequence_length, args.text_encoder_device)
     clip_trains = args.train_text_encoder or bool(token_modules)
@@ -144,7 +144,7 @@ def main(argv=None):
     if not clip_trains:
         encoder.close()
     weights = TrainedWeights(lora_parts, args.pretrained_model_name_or_path, token_modules,
-                             (args.new_concept_token, token_initializer(args, items)) if token_modules else None)
+                             (args.new_concept_token, initializer) if token_modules else None)
     trainer = prepare_training(args, run, accelerator, weights, param_groups, items, class_items, vae,
                                "purecc-stage1")
     precondition = bool(args.precondition_outputs)

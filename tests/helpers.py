@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -111,3 +113,18 @@ def lora_tensors(folder) -> dict[str, torch.Tensor]:
 
 def checkpoint_names(folder) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("checkpoint-"))
+
+
+@contextmanager
+def logged_messages(logger_name: str):
+    """The messages one library logger emits while the block runs, read from a handler on that logger itself
+    (diffusers' loggers do not propagate to the root logger that pytest's caplog watches)."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)

@@ -151,6 +151,10 @@ def compile_blocks(transformer, backend: str) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in transformer.transformer_blocks:
         block.compile(backend=backend)
+    # The modules around the blocks (timestep + pooled-text embedding, patch embedding, text projection, output
+    # norm and projection) are small but many ops each: compiled too, each on its own.
+    for name in ("time_text_embed", "pos_embed", "context_embedder", "norm_out", "proj_out"):
+        getattr(transformer, name).compile(backend=backend)
 
 
 def predict(model, prompt_cache, groups, dtype) -> list[torch.Tensor]:

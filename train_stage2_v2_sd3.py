@@ -94,11 +94,9 @@ def find_extractor(args, root: Path) -> Path:
         warnings.warn(f"{root} holds no final stage-1 LoRA: using its newest checkpoint, {path.name} (step {step}), "
                       f"as the extractor. Finish stage 1 first if that is not what you want.", stacklevel=2)
         return checked_extractor(args, path)
-    raise BadInput(
-        f"No stage-1 LoRA (the extractor) found in {root} (looked for final weights and checkpoint-N folders). "
-        f"Train it first:\n  accelerate launch train_stage1_sd3.py --pretrained_model_name_or_path "
-        f"{args.pretrained_model_name_or_path} --data_path {args.data_path} --csv_name {args.csv_name} "
-        f"--output_dir {root} --rank {args.rank}\nor pass --stage1_output_dir PATH (or --extractor_mode base).")
+    raise BadInput(f"no stage-1 LoRA (the extractor) in {root}: neither final weights nor a checkpoint-N folder. "
+                   f"Train stage 1 into it first (train_stage1_sd3.py --output_dir {root}), or point "
+                   f"--stage1_output_dir at the folder that holds it, or use --extractor_mode base.")
 
 
 def checked_extractor(args, folder: Path) -> Path:

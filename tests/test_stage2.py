@@ -189,7 +189,8 @@ def test_missing_extractor_is_a_clear_error_that_writes_nothing(tiny_sd35_path, 
                            "--max_train_steps", "2", "--resolution", "64", monkeypatch=monkeypatch, capsys=capsys)
     assert code == 2
     assert stderr.startswith("error: ") and str(out / "base_ckpt" / "robot_toy") in stderr
-    assert "train_stage1_sd3.py" in stderr and "Traceback" not in stderr
+    assert stderr.strip().count("\n") == 0  # one line
+    assert "train_stage1_sd3.py" in stderr and "--stage1_output_dir" in stderr and "Traceback" not in stderr
     assert not out.exists()
 
 

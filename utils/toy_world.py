@@ -47,7 +47,7 @@ DROP_RATE = 0.25  # each named attribute is left out of a caption with this prob
 CONCEPT_WORD = "sks toy"
 CONCEPT_COLORS = ((255, 140, 0), (150, 40, 210))  # orange and purple: never in the pretraining palette
 CONCEPT_SHAPE = "circle"
-CONCEPT_STRIPE = 2  # pixels per stripe (horizontal stripes)
+CONCEPT_STRIPE = 4  # pixels per stripe (horizontal stripes): one stripe per transformer token (4x4 px), see docs/evidence.md
 CONCEPT_SCENES = (("green", "top left"), ("blue", "bottom right"), ("yellow", "top right"), ("white", "center"),
                   ("black", "bottom left"))  # the 5 training images of the concept: varied contexts
 

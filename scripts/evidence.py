@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world", default=str(WORLD), help="The toy world: model/ and sks_toy.csv.")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps", type=int, default=300, help="Optimizer steps of every run (stage 1 and stage 2 alike).")
+    p.add_argument("--steps", type=int, default=600, help="Optimizer steps of every run (stage 1 and stage 2 alike): "
+                   "the budget at which stage 1 learns the concept (docs/evidence.md).")
     p.add_argument("--learning_rate", type=float, default=2e-3)
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"Comma-separated, of {', '.join(VARIANTS)}.")

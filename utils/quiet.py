@@ -7,8 +7,9 @@
   empty, so nothing is affected (a non-empty list still shows).
 
 diffusers' "No LoRA keys associated to CLIPTextModel" is dropped only while a LoRA without CLIP parts loads
-(utils/generation.load_lora: its absence is normal). PEFT's "Already found a `peft_config` attribute ... multiple adapters" is silenced where this project adds its
-second adapter on purpose (utils/lora.add_lora), not here.
+(utils/generation.load_lora: its absence is normal). PEFT's "Already found a `peft_config` attribute ...
+multiple adapters" is silenced where this project adds its second adapter on purpose (utils/lora.add_lora), not
+here.
 
 The project's own warnings (a skipped file, an ignored flag, an unfinished extractor) print as one line,
 ``warning: ...``, instead of Python's two-line file:line form; every other warning keeps its usual form.

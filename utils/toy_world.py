@@ -47,7 +47,7 @@ DROP_RATE = 0.25  # each named attribute is left out of a caption with this prob
 CONCEPT_WORD = "sks toy"
 CONCEPT_COLORS = ((255, 140, 0), (150, 40, 210))  # orange and purple: never in the pretraining palette
 CONCEPT_SHAPE = "circle"
-CONCEPT_STRIPE = 4  # pixels per stripe (horizontal stripes): one stripe per transformer token (4x4 px), see docs/evidence.md
+CONCEPT_STRIPE = 4  # pixels per horizontal stripe: one stripe per transformer token (4x4 px), docs/evidence.md
 CONCEPT_SCENES = (("green", "top left"), ("blue", "bottom right"), ("yellow", "top right"), ("white", "center"),
                   ("black", "bottom left"))  # the 5 training images of the concept: varied contexts
 
@@ -247,7 +247,6 @@ def background_iou(first: np.ndarray, second: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
-
 def concept_scores(images: list, base_images: list, wanted: list[dict]) -> dict:
     """The concept images of a model scored against the base model's images of the base prompts, same seeds:
     mean concept fidelity and the share of images >= 0.5 (the concept learned), the share whose background and
@@ -262,6 +261,7 @@ def concept_scores(images: list, base_images: list, wanted: list[dict]) -> dict:
         layout.append(background_iou(image, base_image))
     return {"fidelity": float(np.mean(fidelity)), "learned": float(np.mean([f >= 0.5 for f in fidelity])),
             "context_kept": float(np.mean(kept)), "layout_iou": float(np.mean(layout))}
+
 
 # ----------------------------------------------------------------------------------------------- files
 def write_concept(folder, csv_path=None) -> Path:

@@ -144,15 +144,15 @@ def transformer_velocity(transformer, x_t, timesteps, prompt_embeds, pooled) -> 
                        pooled_projections=pooled, return_dict=False)[0]
 
 
-def compile_blocks(transformer, backend: str) -> None:
+def compile_regions(transformer, backend: str) -> None:
     """Regional compilation (what diffusers recommends): each transformer block compiled in place. The blocks share
     their code, so a handful of graphs serve all of them: one per block kind (dual attention or not, the last) and
-    per adapter setting a step uses (stage 2: extractor, trainable, frozen base), compiled once and reused."""
+    per adapter setting a step uses (stage 2: extractor, trainable, frozen base), compiled once and reused. The
+    small modules around the blocks (timestep + pooled-text embedding, patch embedding, text projection, output norm
+    and projection) are many ops each, so they are compiled too, each on its own."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for block in transformer.transformer_blocks:
         block.compile(backend=backend)
-    # The modules around the blocks (timestep + pooled-text embedding, patch embedding, text projection, output
-    # norm and projection) are small but many ops each: compiled too, each on its own.
     for name in ("time_text_embed", "pos_embed", "context_embedder", "norm_out", "proj_out"):
         getattr(transformer, name).compile(backend=backend)
 
@@ -199,7 +199,7 @@ def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: l
     lr_scheduler = make_lr_scheduler(args, optimizer, schedule, accelerator.num_processes)
     transformer = trained.lora_parts["transformer"][0]
     if args.compile:
-        compile_blocks(transformer, args.compile_backend)
+        compile_regions(transformer, args.compile_backend)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader, lr_scheduler)
     if len(dataloader) != schedule.batches_per_epoch:
         raise RuntimeError(f"accelerate gave each process {len(dataloader)} batches per epoch, the schedule expected "

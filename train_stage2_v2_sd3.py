@@ -29,7 +29,7 @@ from utils.data import fill_placeholder, read_concept_csv, resolve_placeholders,
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
-                        load_text_encoder_loras, lora_format, lora_misfit, transformer_lora_config)
+                        load_text_encoder_loras, lora_format, lora_misfit, switch_adapter, transformer_lora_config)
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
@@ -133,17 +133,17 @@ def check_inputs(args) -> tuple[RunConfig, list[dict]]:
 
 @contextmanager
 def extractor_weights(transformer, extractor_mode: str):
-    """E for one no-grad pass: the stage-1 adapter alone (or every adapter off for --extractor_mode base); the
-    trainable adapter is re-activated, and so re-marked trainable, before any backward."""
+    """E for one no-grad pass: the stage-1 adapter alone (or every adapter off for --extractor_mode base), then the
+    trainable adapter again; the trainable LoRA stays marked trainable throughout (utils.lora.switch_adapter)."""
     if extractor_mode == "base":
         with adapters_disabled(transformer):
             yield
         return
-    activate_adapter(transformer, EXTRACTOR, trainable=False)
+    switch_adapter(transformer, EXTRACTOR)
     try:
         yield
     finally:
-        activate_adapter(transformer, TRAINABLE, trainable=True)
+        switch_adapter(transformer, TRAINABLE)
 
 
 def main(argv=None):

@@ -129,6 +129,44 @@ def test_frozen_weights_stay_bitwise_and_only_new_adapter_trains(tiny_sd35_path,
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in new.items()), "new LoRA never moved"
 
 
+def test_switching_adapters_keeps_the_trainable_lora_trainable():
+    """Stage 2 runs the frozen extractor adapter (or no adapter: --extractor_mode base, --original_branch frozen)
+    between passes of the trainable one. peft's set_adapter and enable_adapters re-mark requires_grad (activating
+    the frozen extractor froze the trainable LoRA); switch_adapter and adapters_disabled change only what runs, so
+    FSDP2, which reads the marks at its first forward, sees the trainable LoRA trainable (the bf16 failure of FSDP
+    on an H100)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from utils.lora import activate_adapter, switch_adapter
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1"])
+    for name in ("extractor", "purecc"):
+        inject_adapter_in_model(config, model, name)
+    with torch.no_grad():  # non-zero B: every adapter changes the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    activate_adapter(model, "purecc", trainable=True)
+
+    def marks():
+        return {name: param.requires_grad for name, param in model.named_parameters() if "lora_" in name}
+
+    trainable = marks()
+    assert all(v == ("purecc" in k) for k, v in trainable.items())
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        purecc = model(x)
+        switch_adapter(model, "extractor")
+        assert marks() == trainable and not torch.allclose(model(x), purecc)
+        with stage2.adapters_disabled(model):
+            assert marks() == trainable
+            base = model(x)
+        assert marks() == trainable and not torch.allclose(base, purecc)
+        switch_adapter(model, "purecc")
+        assert marks() == trainable and torch.equal(model(x), purecc)
+
+
 def test_one_transformer_in_the_process(tiny_sd35_path, extractors, tmp_path, monkeypatch):
     from diffusers import SD3Transformer2DModel
 

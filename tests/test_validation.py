@@ -46,3 +46,20 @@ def test_validation_every_epoch_leaves_training_unchanged(stage, tiny_sd35_path,
     a, b = lora_tensors(out), lora_tensors(plain_out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [h["loss"] for h in with_validation.history] == [h["loss"] for h in without_validation.history]
+
+
+def test_latents_decode_in_the_vaes_dtype(tiny_sd35_path):
+    """Under FSDP's mixed precision the transformer returns bf16 latents while the VAE stays fp32 (accelerate's other
+    wrappers return fp32): validation decodes them in the VAE's dtype, to the image the same values give in fp32."""
+    import numpy as np
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from utils.outputs import decode_latents, pipeline_without_text_encoders
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd35_path, subfolder="vae")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_sd35_path, subfolder="scheduler")
+    pipe = pipeline_without_text_encoders(None, vae, scheduler)
+    latents = torch.randn(1, vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    [from_bf16] = decode_latents(pipe, latents.bfloat16())
+    [from_fp32] = decode_latents(pipe, latents.bfloat16().float())
+    assert from_bf16.size == (16, 16) and np.array_equal(np.asarray(from_bf16), np.asarray(from_fp32))

@@ -174,14 +174,13 @@ def register_state_hooks(accelerator, trained) -> None:
     """Make ``accelerator.save_state/load_state`` write and read only what the run trains (``trained``, a
     utils.outputs.TrainedWeights: the LoRA(s) in both formats and the concept token), never the frozen base.
 
-    Under DeepSpeed accelerate saves and restores its wrapped model itself before these hooks run (so such
-    checkpoints also hold the base weights); the hooks then add our LoRA files and leave the model's restore to
-    accelerate."""
-    wrapped = accelerator.distributed_type == DistributedType.DEEPSPEED
+    Under DeepSpeed and FSDP accelerate saves and restores its wrapped model itself before these hooks run (so
+    such checkpoints also hold the base weights); the hooks then add our LoRA files and leave the model's restore
+    to accelerate."""
+    wrapped = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            trained.write(output_dir)
+        trained.write(output_dir, writer=accelerator.is_main_process)  # every process: FSDP gathers the LoRA
         while weights:  # the frozen base weights stay out of the checkpoint
             weights.pop()
 

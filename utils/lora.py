@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -101,26 +102,59 @@ def activate_adapter(model: torch.nn.Module, adapter_name: str, trainable: bool)
         layer.set_adapter(adapter_name, inference_mode=not trainable)
 
 
+def switch_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Make ``adapter_name`` the only active adapter of every LoRA layer and leave every LoRA parameter as trainable
+    or frozen as it was. peft's set_adapter also re-marks requires_grad (the activated adapter trainable, the others
+    frozen); keeping the marks fixed means the trainable LoRA never looks frozen: not to autograd between a forward
+    and its backward, and not to FSDP2, which takes each block's gradient dtype from these marks at its first
+    forward (when that was the extractor's, it saw no trainable parameter and put bf16 gradients into the fp32
+    LoRA: the failure first seen on an H100, reproduced and fixed on the CPU)."""
+    layers = tuner_layers(model)
+    marks = requires_grad_marks(layers)
+    for layer in layers:
+        layer.set_adapter(adapter_name)
+    restore_marks(marks)
+
+
+def requires_grad_marks(layers) -> list[tuple[torch.nn.Parameter, bool]]:
+    return [(param, param.requires_grad) for layer in layers for name in layer.adapter_layer_names
+            for param in getattr(layer, name).parameters()]
+
+
+def restore_marks(marks) -> None:
+    for param, trainable in marks:
+        param.requires_grad_(trainable)
+
+
 class adapters_disabled:
-    """Context manager: every adapter off, i.e. the frozen base model (one shared copy of its weights)."""
+    """Context manager: every adapter off, i.e. the frozen base model (one shared copy of its weights). Which LoRA
+    parameters train is left as it was (peft's enable_adapters(False) would freeze them all: ``switch_adapter``)."""
 
     def __init__(self, model: torch.nn.Module):
         self.layers = tuner_layers(model)
 
     def __enter__(self):
+        self.marks = requires_grad_marks(self.layers)
         for layer in self.layers:
             layer.enable_adapters(False)
+        restore_marks(self.marks)
 
     def __exit__(self, *exc):
         for layer in self.layers:
             layer.enable_adapters(True)
+        restore_marks(self.marks)
         return False
 
 
 def adapter_state_dict(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """LoRA tensors of one adapter, keyed by module path (no adapter name), contiguous fp32 CPU copies."""
+    """LoRA tensors of one adapter, keyed by module path (no adapter name), contiguous fp32 CPU copies. Under FSDP
+    the parameters are shards (DTensors): each is gathered whole, a collective every process must join."""
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
-    return {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+    return {key: full_tensor(value).detach().to("cpu", torch.float32).contiguous() for key, value in state.items()}
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
@@ -238,16 +272,19 @@ def lora_config_from_dict(config_dict: dict) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def write_trainable_lora(output_dir, lora_parts: dict, base_model_name_or_path: str) -> None:
+def write_trainable_lora(output_dir, lora_parts: dict, base_model_name_or_path: str, writer: bool = True) -> None:
     """Save the trainable LoRA(s) of a run in both formats. ``lora_parts`` maps a component ("transformer",
     "text_encoder", "text_encoder_2") to (unwrapped model, adapter name); each adapter's LoraConfig is its own
-    ``peft_config`` entry."""
+    ``peft_config`` entry. Every process calls it (under FSDP gathering the tensors is collective); only the
+    ``writer`` writes."""
     transformer, adapter_name = lora_parts["transformer"]
     text_encoder_states = {component: (adapter_state_dict(model, name), model.peft_config[name])
                            for component, (model, name) in lora_parts.items() if component != "transformer"}
-    save_lora_both_formats(output_dir, adapter_state_dict(transformer, adapter_name),
-                           transformer.peft_config[adapter_name], text_encoder_states=text_encoder_states,
-                           base_model_name_or_path=base_model_name_or_path)
+    transformer_state = adapter_state_dict(transformer, adapter_name)
+    if not writer:
+        return
+    save_lora_both_formats(output_dir, transformer_state, transformer.peft_config[adapter_name],
+                           text_encoder_states=text_encoder_states, base_model_name_or_path=base_model_name_or_path)
 
 
 def load_trainable_lora(input_dir, lora_parts: dict) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from .args import RunConfig
@@ -33,8 +34,11 @@ class TrainedWeights:
     token: tuple[str, str] | None = None         # (token, initializer) of token_modules
     copied_token: LearnedToken | None = None     # stage 2: the extractor's learned token
 
-    def write(self, folder) -> None:
-        write_trainable_lora(folder, self.lora_parts, self.base_model)
+    def write(self, folder, writer: bool = True) -> None:
+        """Every process calls it (under FSDP the LoRA is gathered from its shards); only the ``writer`` writes."""
+        write_trainable_lora(folder, self.lora_parts, self.base_model, writer=writer)
+        if not writer:
+            return
         if self.token_modules:
             save_learned_token(folder, learned_token(*self.token, self.token_modules))
         elif self.copied_token is not None:
@@ -66,16 +70,30 @@ def render_images(pipe, prompt_cache, prompt: str, num_images: int, seed: int, r
     with torch.no_grad():
         for index in range(num_images):
             generator = torch.Generator(device="cpu").manual_seed(seed + index)
-            images += pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+            latents = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
                            negative_pooled_prompt_embeds=negative_pooled, height=resolution, width=resolution,
-                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator).images
+                           num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                           output_type="latent").images
+            images += decode_latents(pipe, latents)
     return images
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents) -> list:
+    """PIL images of the pipeline's latents, decoded in the VAE's own dtype: the latents come out in the dtype of
+    the transformer's output, which is bf16 under FSDP's mixed precision (accelerate's other wrappers return fp32),
+    and the VAE stays fp32."""
+    vae = pipe.vae
+    latents = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
 
 
 def log_validation(accelerator, pipe, prompt_cache, args, run: RunConfig, step: int, tag: str = "validation"):
     """Render --num_validation_images for --validation_prompt, save PNGs and send them to tensorboard."""
     images = render_images(pipe, prompt_cache, run.validation_prompt, args.num_validation_images, args.seed,
                            args.resolution, args.validation_steps)
+    if not accelerator.is_main_process:
+        return images
     out_dir = run.output_dir / "validation"
     out_dir.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
@@ -89,9 +107,13 @@ def log_validation(accelerator, pipe, prompt_cache, args, run: RunConfig, step: 
 def make_validator(args, run: RunConfig, accelerator, transformer, vae, noise_scheduler, prompt_cache):
     """``validate(epoch, step, final=False)``: images of --validation_prompt every --validation_epochs, and at the end."""
 
+    # Under FSDP every process holds a shard of the transformer, so every process runs the sampling (each forward
+    # gathers the weights); elsewhere the main process alone renders. The main process alone writes.
+    renders = accelerator.is_main_process or accelerator.distributed_type == DistributedType.FSDP
+
     def validate(epoch, step, final=False):
         due = final or (epoch + 1) % args.validation_epochs == 0
-        if run.validation_prompt and accelerator.is_main_process and due:
+        if run.validation_prompt and renders and due:
             pipe = pipeline_without_text_encoders(transformer, vae, noise_scheduler)
             log_validation(accelerator, pipe, prompt_cache, args, run, step, tag="final" if final else "validation")
 
@@ -111,10 +133,10 @@ def finish_run(run: RunConfig, accelerator, model, weights: TrainedWeights, card
     """Write the final LoRA (both formats, + the concept token) and model card, render final validation images,
     close trackers."""
     accelerator.wait_for_everyone()
+    weights.write(run.output_dir, writer=accelerator.is_main_process)
     if accelerator.is_main_process:
-        weights.write(run.output_dir)
         write_settings(run.output_dir, run)
         write_model_card(run.output_dir, card_title, weights.base_model, card_fields, usage)
-        validate(last_epoch, step, final=True)
-        accelerator.print(f"LoRA saved to {run.output_dir}")
+    validate(last_epoch, step, final=True)
+    accelerator.print(f"LoRA saved to {run.output_dir}")
     accelerator.end_training()

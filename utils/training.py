@@ -33,14 +33,9 @@ logger = logging.getLogger("purecc")
 def start_run(args, run: RunConfig, trains_text: bool = False) -> Accelerator:
     """The accelerator of a run whose inputs all checked out; under --overwrite_output_dir the main process first
     clears the run's folder. ``trains_text``: the run trains CLIP LoRAs or a concept token, which live outside the
-    prepared transformer (DeepSpeed cannot train them)."""
+    prepared transformer (DeepSpeed and FSDP cannot train them)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        # Measured on an H100 (torch 2.11, accelerate 1.15, configs as for DDP + FSDP2 bf16): the first backward
-        # failed, FSDP2 reducing bf16 gradients into the fp32 LoRA parameters. Until that is solved and tested,
-        # refuse before anything loads rather than after.
-        raise BadInput("FSDP is not supported yet (its backward fails on the fp32 LoRA gradients under bf16, "
-                       "measured on an H100): launch with configs/multi_gpu.yaml (DDP) or "
-                       "configs/deepspeed_zero2.yaml instead. Nothing was written.")
+        check_fsdp_launch(args, trains_text)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -59,13 +54,36 @@ def start_run(args, run: RunConfig, trains_text: bool = False) -> Accelerator:
                         f"accelerate launch --multi_gpu --num_processes {launched} ... (--cpu alone starts one "
                         f"process). Nothing was written.")
     if trains_text and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise BadInput("--train_text_encoder and --new_concept_token train parts of the text encoders, which DeepSpeed "
-                       "does not manage here (it wraps the transformer alone): use the DDP config "
-                       "(configs/multi_gpu.yaml), or train stage 1 without them.")
+        raise BadInput(text_training_refused("DeepSpeed"))
     if args.overwrite_output_dir and accelerator.is_main_process:
         clear_output_folder(run.output_dir)
     accelerator.wait_for_everyone()
     return accelerator
+
+
+def check_fsdp_launch(args, trains_text: bool) -> None:
+    """FSDP as configs/fsdp.yaml sets it up: FSDP2 (per-parameter sharding, which keeps the frozen base and the
+    trainable LoRA of one block in one unit), a base that can be sharded, no --compile, and every trainable
+    parameter inside the transformer (accelerate's FSDP2 must find each optimizer parameter in the model it
+    shards)."""
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise BadInput(f"FSDP version {version} is not supported: use FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml), "
+                       f"which shards frozen and trainable parameters of one block together. Nothing was written.")
+    if args.base_quantization != "none":
+        raise BadInput("--base_quantization cannot be combined with FSDP (quantised weights cannot be sharded): "
+                       "drop one of them. Nothing was written.")
+    if trains_text:
+        raise BadInput(text_training_refused("FSDP"))
+    if args.compile:
+        raise BadInput("--compile is not supported under FSDP here: drop --compile, or launch with "
+                       "configs/single_gpu.yaml or configs/multi_gpu.yaml. Nothing was written.")
+
+
+def text_training_refused(engine: str) -> str:
+    return (f"--train_text_encoder and --new_concept_token train parts of the text encoders, which {engine} does not "
+            f"manage here (it wraps the transformer alone): use the DDP config (configs/multi_gpu.yaml), or train "
+            f"stage 1 without them. Nothing was written.")
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:

@@ -153,7 +153,9 @@ def test_stage2_under_fsdp_equals_ddp_and_resumes_bitwise(two_process_stage1, tw
     """FSDP2 shards the frozen base and both adapters; stage 2 switches between them every step. In fp32 the LoRA
     it trains is DDP's (same samples, same noise; only the reduction differs: the tolerance of the DDP test), its
     checkpoints hold accelerate's FSDP model file beside our LoRA files, and resuming one in 2 processes ends
-    bitwise where the straight run ends."""
+    bitwise where the straight run ends, with validation images rendered by both processes and written by one.
+    (bf16 under FSDP, which failed on an H100, is covered where it broke: test_stage2.py's adapter-switching test
+    and test_validation.py's decode test; a bf16 FSDP run on 2 CPU processes was checked by hand, README.)"""
     straight = tmp_path / "fsdp"
     launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *stage2_flags(two_process_stage1, tiny_sd35_path, straight),
            launcher=FSDP, env=CPU)
@@ -163,26 +165,12 @@ def test_stage2_under_fsdp_equals_ddp_and_resumes_bitwise(two_process_stage1, tw
         p.name for p in (straight / "robot_toy" / "checkpoint-2").iterdir()}
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "robot_toy" / "checkpoint-2", resumed / "robot_toy" / "checkpoint-2")
-    launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *stage2_flags(two_process_stage1, tiny_sd35_path, resumed),
-           "--resume_from_checkpoint", "latest", launcher=FSDP, env=CPU)
+    result = launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *stage2_flags(two_process_stage1, tiny_sd35_path, resumed),
+                    "--resume_from_checkpoint", "latest", "--validation_prompt", "a sks robot toy",
+                    "--num_validation_images", "1", "--validation_steps", "2", launcher=FSDP, env=CPU)
     c = lora_tensors(resumed / "robot_toy")
     assert all(torch.equal(a[k], c[k]) for k in a)
-
-
-def test_stage2_under_fsdp_in_bf16_trains_and_validates(two_process_stage1, tiny_sd35_path, tmp_path):
-    """The failure first seen on an H100 (FSDP2 putting bf16 gradients into the fp32 LoRA: its first forward was the
-    extractor's, with the trainable LoRA marked frozen), now on 2 CPU processes in bf16: training runs, the LoRA
-    moves and stays finite, and validation images (rendered by both processes, written by one) are saved."""
-    out = tmp_path / "bf16"
-    flags = stage2_flags(two_process_stage1, tiny_sd35_path, out)
-    flags[flags.index("--max_train_steps") + 1] = "2"
-    result = launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *flags, "--validation_prompt", "a sks robot toy",
-                    "--num_validation_images", "1", "--validation_steps", "2", launcher=[*FSDP[:-4],
-                    "--mixed_precision", "bf16", "--main_process_port", free_port()], env=CPU)
-    lora = lora_tensors(out / "robot_toy")
-    assert all(torch.isfinite(v).all() for v in lora.values())
-    assert max(v.abs().max().item() for k, v in lora.items() if "lora_B" in k) > 0
-    assert sorted(p.name for p in (out / "robot_toy" / "validation").iterdir())[-1] == "final-000002-0.png"
+    assert "final-000004-0.png" in {p.name for p in (resumed / "robot_toy" / "validation").iterdir()}
     assert (result.stdout + result.stderr).count("LoRA saved to") == 1
 
 

@@ -165,6 +165,10 @@ def test_switching_adapters_keeps_the_trainable_lora_trainable():
         assert marks() == trainable and not torch.allclose(base, purecc)
         switch_adapter(model, "purecc")
         assert marks() == trainable and torch.equal(model(x), purecc)
+        for mode in ("lora", "base"):  # stage 2's extractor pass, both modes
+            with stage2.extractor_weights(model, mode):
+                assert marks() == trainable and not torch.allclose(model(x), purecc)
+            assert marks() == trainable and torch.equal(model(x), purecc)
 
 
 def test_one_transformer_in_the_process(tiny_sd35_path, extractors, tmp_path, monkeypatch):

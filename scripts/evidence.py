@@ -48,6 +48,7 @@ import build_toy_world  # noqa: E402
 import train_stage1_sd3 as stage1  # noqa: E402
 import train_stage2_v2_sd3 as stage2  # noqa: E402
 from utils import toy_world as world  # noqa: E402
+from utils.checkpoint import list_checkpoints  # noqa: E402
 from utils.generation import add_loras  # noqa: E402
 
 WORLD = REPO_ROOT / "data" / "toy_world"
@@ -69,6 +70,8 @@ VARIANTS = {
 }
 COLUMNS = ("fidelity", "learned", "context_kept", "layout_iou", "attribute_accuracy", "agrees_with_base",
            "pixel_change", "pure_share", "lambda_mean", "lambda_at_min")
+# the preservation scores compared with stage 1's at equal concept fidelity (at_fidelity)
+EQUAL_FIDELITY = ("pixel_change", "agrees_with_base", "attribute_accuracy", "context_kept", "layout_iou")
 HEADERS = ("fidelity", "learned (≥0.5)", "context kept", "layout IoU", "attribute acc.", "agrees with base",
            "pixel change", "PureCC share of loss", "λ* mean", "λ* at lower bound")
 
@@ -87,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--sample_steps", type=int, default=12)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--output_dir", default=str(REPO_ROOT / "output" / "evidence"))
+    p.add_argument("--stage1_every", type=int, default=200,
+                   help="Also score stage 1 after every N steps (its checkpoints; 0: only the final model), so each "
+                        "stage-2 model can be compared with stage 1 at the same concept fidelity (results.md, "
+                        "second table).")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="Training processes (one torch thread each); the table does not depend on it.")
     return p.parse_args(argv)
@@ -100,45 +107,63 @@ def train_one(args, key: str, seed: int, out: Path) -> tuple:
     common = ["--pretrained_model_name_or_path", str(world_dir / "model"), "--data_path", str(world_dir),
               "--csv_name", "sks_toy.csv", "--resolution", "32", "--max_sequence_length", str(TEXT_LENGTH),
               "--max_train_steps", str(args.steps), "--learning_rate", str(args.learning_rate), "--rank",
-              str(args.rank), "--seed", str(seed), "--report_to", "none", "--checkpointing_steps", "100000",
-              "--overwrite_output_dir"]  # no --random_flip: a mirrored image would swap left and right
+              str(args.rank), "--seed", str(seed), "--report_to", "none", "--overwrite_output_dir",
+              "--cache_latents"]  # each image encoded once (32 px: no crop); no --random_flip: it would swap left/right
     label, stage, flags = VARIANTS[key]
     started = time.time()
     stage1_dir = out / "base_ckpt" / "sks_toy"
-    if stage == 1:
-        result, folder = stage1.main(common + ["--output_dir", str(stage1_dir), *flags]), stage1_dir
+    if stage == 1:  # its checkpoints (LoRA included) are the stage-1 trajectory
+        every = str(args.stage1_every or args.steps + 1)
+        result = stage1.main(common + ["--output_dir", str(stage1_dir), "--checkpointing_steps", every, *flags])
+        folder = stage1_dir
     else:
-        result = stage2.main(common + ["--output_dir", str(out / key), "--stage1_output_dir", str(stage1_dir), *flags])
+        result = stage2.main(common + ["--output_dir", str(out / key), "--stage1_output_dir", str(stage1_dir),
+                                       "--checkpointing_steps", str(args.steps + 1), *flags])
         folder = out / key / "sks_toy"
     print(f"[evidence] seed {seed}: {label}: {time.time() - started:.0f} s", flush=True)
     return folder, result.history
 
 
-def train_all(args, variants: list, seeds: list, out: Path) -> dict:
-    """{seed: {key: (LoRA folder, history)}} for every seed and variant, in ``args.jobs`` processes (one torch
-    thread each). Every run depends only on its seed and flags, so the result is the same for any number of jobs;
+def train_and_render(args, key: str, seed: int, out: Path, concept: list, plain: list) -> tuple:
+    """Train one model (``train_one``) and render its evaluation images in the same process: (images, history).
+    For stage 1 the images also hold ``trajectory``: {step: images} of its checkpoints."""
+    folder, history = train_one(args, key, seed, out)
+    images = render_lora(args, folder, concept, plain)
+    if VARIANTS[key][1] == 1:
+        images["trajectory"] = {step: render_lora(args, path, concept, plain)
+                                for step, path in list_checkpoints(folder) if step < args.steps}
+    return images, history
+
+
+def train_all(args, variants: list, seeds: list, out: Path, concept: list, plain: list) -> tuple[dict, dict]:
+    """(the base model's images, {seed: {key: (images, history)}}) for every seed and variant, in ``args.jobs``
+    processes (one torch thread each), each model rendered where it was trained. Every run depends only on its
+    seed and flags and every image only on its model and seed, so the result is the same for any number of jobs;
     a seed's stage-2 runs start once its stage 1 is done."""
     runs = {seed: {} for seed in seeds}
     first = ["stage1"] if "stage1" in variants else []
     later = [key for key in variants if key not in first]
     if args.jobs == 1:
+        base = render_base(args, concept, plain)
         for seed in seeds:
             for key in first + later:
-                runs[seed][key] = train_one(args, key, seed, out / f"seed{seed}")
+                runs[seed][key] = train_and_render(args, key, seed, out / f"seed{seed}", concept, plain)
     else:
         with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            pending = {pool.submit(train_one, args, key, seed, out / f"seed{seed}"): (seed, key)
-                       for seed in seeds for key in (first or later)}
+            pending = {pool.submit(train_and_render, args, key, seed, out / f"seed{seed}", concept, plain):
+                       (seed, key) for seed in seeds for key in (first or later)}
+            base_job = pool.submit(render_base, args, concept, plain)  # after the first runs: no core waits for it
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     seed, key = pending.pop(future)
                     runs[seed][key] = future.result()
                     if first and key == first[0]:
-                        pending.update({pool.submit(train_one, args, later_key, seed, out / f"seed{seed}"):
-                                        (seed, later_key) for later_key in later})
-    return {seed: {key: runs[seed][key] for key in variants} for seed in seeds}
+                        pending.update({pool.submit(train_and_render, args, later_key, seed, out / f"seed{seed}",
+                                                    concept, plain): (seed, later_key) for later_key in later})
+            base = base_job.result()
+    return base, {seed: {key: runs[seed][key] for key in variants} for seed in seeds}
 
 
 def training_stats(history: list[dict], stage: int, eta: float) -> dict:
@@ -188,10 +213,33 @@ def score(images: dict, base: dict, concept: list, plain: list) -> dict:
                            "agrees_with_base": float(np.mean(agreement)), "pixel_change": float(change)}
 
 
-def load_world(args) -> StableDiffusion3Pipeline:
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(args.world) / "model"), dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+_PIPELINE = {}  # per process: the world's pipeline, loaded once, LoRAs added and removed
+
+
+def world_pipeline(args) -> StableDiffusion3Pipeline:
+    if args.world not in _PIPELINE:
+        pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(args.world) / "model"), dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        _PIPELINE[args.world] = pipe
+    return _PIPELINE[args.world]
+
+
+def render_base(args, concept: list, plain: list) -> dict:
+    """The base model's images, plus its images of the concept prompts with the plain noun (Seg-Cons' reference)."""
+    pipe = world_pipeline(args)
+    base = model_images(pipe, args, concept, plain)
+    base["concept_base_prompt"] = render(pipe, [world.base_caption(s) for s in concept], args, 1000)
+    return base
+
+
+def render_lora(args, folder: Path, concept: list, plain: list) -> dict:
+    """The images of the world with one trained LoRA at strength 1."""
+    pipe = world_pipeline(args)
+    names = add_loras(pipe, [folder], [None])
+    pipe.set_adapters(names, adapter_weights=[1.0])
+    images = model_images(pipe, args, concept, plain)
+    pipe.delete_adapters(names)
+    return images
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -212,6 +260,49 @@ def markdown(rows: dict) -> str:
             mean, se = stats[key]
             cells.append("—" if mean is None else f"{mean:.3f} ± {se:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def at_fidelity(trajectory: list[tuple[int, dict]], fidelity: float) -> dict | None:
+    """Stage 1's scores where its fidelity first reaches ``fidelity`` along its training (``trajectory``: (step,
+    scores) in step order, step 0 = the base model), linearly interpolated between the two checkpoints around it,
+    with the (fractional) step; None if stage 1 never gets there."""
+    for (step_a, a), (step_b, b) in zip(trajectory, trajectory[1:]):
+        if a["fidelity"] <= fidelity <= b["fidelity"] and b["fidelity"] > a["fidelity"]:
+            w = (fidelity - a["fidelity"]) / (b["fidelity"] - a["fidelity"])
+            scores = {key: (1 - w) * a[key] + w * b[key] for key in EQUAL_FIDELITY}
+            return scores | {"step": step_a + w * (step_b - step_a)}
+    return None
+
+
+def equal_fidelity_rows(per_seed_runs: dict, trajectories: dict) -> dict:
+    """Per model and seed: its preservation scores minus stage 1's at the same concept fidelity (same seed), and
+    the stage-1 step that reaches that fidelity; mean ± s.e. over the seeds where stage 1 reaches it."""
+    rows = {}
+    for label, by_seed in per_seed_runs.items():
+        diffs = {key: [] for key in EQUAL_FIDELITY}
+        steps, reached = [], 0
+        for seed, scores in by_seed.items():
+            match = at_fidelity(trajectories[seed], scores["fidelity"])
+            if match is None:
+                continue
+            reached += 1
+            steps.append(match["step"])
+            for key in EQUAL_FIDELITY:
+                diffs[key].append(scores[key] - match[key])
+        rows[label] = {"seeds_reached": (reached, len(by_seed)), "stage1_step": mean_se(steps)} | {
+            key: mean_se(values) for key, values in diffs.items()}
+    return rows
+
+
+def equal_fidelity_markdown(rows: dict) -> str:
+    deltas = " | ".join(f"Δ {key.replace('_', ' ')}" for key in EQUAL_FIDELITY)
+    lines = [f"| model | stage-1 step at its fidelity | {deltas} | seeds |", "|---" * (len(EQUAL_FIDELITY) + 3) + "|"]
+    for label, row in rows.items():
+        cells = ["—" if row[key][0] is None else f"{row[key][0]:+.3f} ± {row[key][1]:.3f}" for key in EQUAL_FIDELITY]
+        step = "—" if row["stage1_step"][0] is None else f"{row['stage1_step'][0]:.0f} ± {row['stage1_step'][1]:.0f}"
+        lines.append(f"| {label} | {step} | " + " | ".join(cells) + f" | {row['seeds_reached'][0]}/"
+                     f"{row['seeds_reached'][1]} |")
     return "\n".join(lines)
 
 
@@ -238,33 +329,42 @@ def main(argv=None) -> int:
     out = Path(args.output_dir)
     started = time.time()
     concept, plain = eval_prompts(args)
-    pipe = load_world(args)
-    base = model_images(pipe, args, concept, plain)
-    base["concept_base_prompt"] = render(pipe, [world.base_caption(s) for s in concept], args, 1000)
-    per_seed = {"base model": [score(base, base, concept, plain) | training_stats([], 1, 0)]}
+    base, trained = train_all(args, variants, seeds, out, concept, plain)
+    base_scores = score(base, base, concept, plain)
+    per_seed = {"base model": [base_scores | training_stats([], 1, 0)]}
+    by_seed, trajectories = {}, {}  # {label: {seed: scores}}; {seed: [(step, stage-1 scores)]}
     grid_rows = {"base model": base}
-    trained = train_all(args, variants, seeds, out)
     for seed in seeds:
-        runs = trained[seed]
-        names = add_loras(pipe, [folder for folder, _ in runs.values()], [None] * len(runs))
-        for index, (key, (folder, history)) in enumerate(runs.items()):
-            pipe.set_adapters([names[index]], adapter_weights=[1.0])
-            images = model_images(pipe, args, concept, plain)
+        for key, (images, history) in trained[seed].items():
             label, stage, flags = VARIANTS[key]
             eta = float(flags[flags.index("--eta") + 1]) if "--eta" in flags else 0.0
-            per_seed.setdefault(label, []).append(score(images, base, concept, plain) |
-                                                  training_stats(history, stage, eta))
+            scores = score(images, base, concept, plain)
+            per_seed.setdefault(label, []).append(scores | training_stats(history, stage, eta))
+            by_seed.setdefault(label, {})[seed] = scores
+            if stage == 1:  # step 0 is the base model: a new LoRA starts at zero
+                trajectories[seed] = [(0, base_scores)] + [(step, score(checkpoint, base, concept, plain))
+                                                           for step, checkpoint in images["trajectory"].items()] + \
+                    [(args.steps, scores)]
             if seed == seeds[0]:
                 grid_rows[label] = images
-        pipe.delete_adapters(names)
     rows = {name: {key: mean_se([s[key] for s in scores]) for key in COLUMNS} for name, scores in per_seed.items()}
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows)
-    settings = {k: v for k, v in vars(args).items()}
+    report = {"settings": dict(vars(args)), "per_seed": per_seed, "summary": {
+        name: {key: {"mean": m, "se": se} for key, (m, se) in stats.items()} for name, stats in rows.items()}}
+    if trajectories:
+        compared = {label: runs for label, runs in by_seed.items() if label != VARIANTS["stage1"][0]}
+        equal = equal_fidelity_rows(compared, trajectories)
+        table += ("\n\nAt equal concept fidelity: each model's score minus stage 1's where stage 1 (same seed) first "
+                  "reaches that model's fidelity, interpolated between its checkpoints (negative Δ pixel change, "
+                  "positive Δ agreement: the model changes the base model less than stage 1 does).\n\n"
+                  + equal_fidelity_markdown(equal))
+        report["stage1_trajectory"] = {str(seed): [{"step": step} | scores for step, scores in points]
+                                       for seed, points in trajectories.items()}
+        report["equal_fidelity"] = {label: {key: value for key, value in row.items()} for label, row in equal.items()}
+    report["minutes"] = round((time.time() - started) / 60, 1)
     (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps({"settings": settings, "per_seed": per_seed, "summary": {
-        name: {key: {"mean": m, "se": se} for key, (m, se) in stats.items()} for name, stats in rows.items()},
-        "minutes": round((time.time() - started) / 60, 1)}, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     save_grid(out / "grid.png", grid_rows)
     for seed in seeds:  # the LoRAs are not needed afterwards; the numbers are
         shutil.rmtree(out / f"seed{seed}", ignore_errors=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evidence table of the README (docs/evidence.md): stage 1, stage 2 and its ablations trained on the toy world
-# for 3 seeds, scored with the world's exact evaluators. 15.7 minutes on a 2-core CPU (8 models x 3 seeds, two
+# for 3 seeds, scored with the world's exact evaluators. 15.4 minutes on a 2-core CPU (8 models x 3 seeds, two
 # training processes); no GPU, no network.
 #   bash scripts/evidence.sh [--seeds 0,1,2] [--steps N] [--output_dir DIR] ...   (scripts/evidence.py --help)
 set -euo pipefail

@@ -68,8 +68,9 @@ def check_fsdp_launch(args, trains_text: bool) -> None:
     shards)."""
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":
-        raise BadInput(f"FSDP version {version} is not supported: use FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml), "
-                       f"which shards frozen and trainable parameters of one block together. Nothing was written.")
+        raise BadInput(f"FSDP version {version} is not supported: use FSDP2 (fsdp_version: 2, as in "
+                       f"configs/fsdp.yaml), which shards frozen and trainable parameters of one block together. "
+                       f"Nothing was written.")
     if args.base_quantization != "none":
         raise BadInput("--base_quantization cannot be combined with FSDP (quantised weights cannot be sharded): "
                        "drop one of them. Nothing was written.")

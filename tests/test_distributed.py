@@ -148,26 +148,35 @@ FSDP = ["--config_file", str(REPO_ROOT / "configs" / "fsdp.yaml"), "--num_proces
 FSDP_SHIM = "tests/fsdp_on_cpu.py"
 
 
-def test_stage2_under_fsdp_equals_ddp_and_resumes_bitwise(two_process_stage1, two_process_stage2, tiny_sd35_path,
-                                                          tmp_path):
+@pytest.mark.xdist_group("fsdp")  # its own group: it runs beside the DDP tests' worker, not after them
+def test_stage2_under_fsdp_equals_one_process_and_resumes_bitwise(extractors, tiny_sd35_path, tmp_path):
     """FSDP2 shards the frozen base and both adapters; stage 2 switches between them every step. In fp32 the LoRA
-    it trains is DDP's (same samples, same noise; only the reduction differs: the tolerance of the DDP test), its
-    checkpoints hold accelerate's FSDP model file beside our LoRA files, and resuming one in 2 processes ends
-    bitwise where the straight run ends, with validation images rendered by both processes and written by one.
-    (bf16 under FSDP, which failed on an H100, is covered where it broke: test_stage2.py's adapter-switching test
-    and test_validation.py's decode test; a bf16 FSDP run on 2 CPU processes was checked by hand, README.)"""
+    it trains on 2 processes is the one 1 process accumulating the same global batch trains (the DDP tests'
+    tolerance and reasoning; measured against DDP itself: identical), its checkpoints hold accelerate's FSDP model
+    file beside our LoRA files, and resuming one in 2 processes ends bitwise where the straight run ends, with
+    validation images rendered by both processes and written by one. (bf16 under FSDP, which failed on an H100, is
+    covered where it broke: test_stage2.py's adapter-switching test and test_validation.py's decode test; a bf16
+    FSDP run on 2 CPU processes was checked by hand, README.)"""
+    data = four_image_csv(tmp_path / "data")
+
+    def flags(out):
+        return ["--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", data.parent, "--csv_name",
+                data.name, "--output_dir", out, "--stage1_output_dir", extractors[0], *COMMON]
+
     straight = tmp_path / "fsdp"
-    launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *stage2_flags(two_process_stage1, tiny_sd35_path, straight),
-           launcher=FSDP, env=CPU)
-    a, b = lora_tensors(straight / "robot_toy"), lora_tensors(two_process_stage2)
+    launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *flags(straight), launcher=FSDP, env=CPU)
+    stage2(tiny_sd35_path, tmp_path / "accumulated", "--stage1_output_dir", extractors[0], *COMMON,
+           "--gradient_accumulation_steps", "2", csv=data)
+    a, b = lora_tensors(straight / "robot_toy"), lora_tensors(tmp_path / "accumulated" / "robot_toy")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < EQUIVALENCE_TOLERANCE
+    assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 100 * EQUIVALENCE_TOLERANCE
     assert {"pytorch_model_fsdp.bin", "pytorch_lora_weights.safetensors"} <= {
         p.name for p in (straight / "robot_toy" / "checkpoint-2").iterdir()}
     resumed = tmp_path / "resumed"
     shutil.copytree(straight / "robot_toy" / "checkpoint-2", resumed / "robot_toy" / "checkpoint-2")
-    result = launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *stage2_flags(two_process_stage1, tiny_sd35_path, resumed),
-                    "--resume_from_checkpoint", "latest", "--validation_prompt", "a sks robot toy",
-                    "--num_validation_images", "1", "--validation_steps", "2", launcher=FSDP, env=CPU)
+    result = launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *flags(resumed), "--resume_from_checkpoint", "latest",
+                    "--validation_prompt", "a sks robot toy", "--num_validation_images", "1",
+                    "--validation_steps", "2", launcher=FSDP, env=CPU)
     c = lora_tensors(resumed / "robot_toy")
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert "final-000004-0.png" in {p.name for p in (resumed / "robot_toy" / "validation").iterdir()}

@@ -5,6 +5,7 @@ run, one writer, a bitwise two-process resume, and the same LoRA as one process 
 from __future__ import annotations
 
 import csv
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -149,10 +150,12 @@ FSDP_SHIM = "tests/fsdp_on_cpu.py"
 
 
 @pytest.mark.xdist_group("fsdp")  # its own group: it runs beside the DDP tests' worker, not after them
+@pytest.mark.skipif(os.environ.get("PURECC_SLOW_TESTS") != "1",
+                    reason="~45 s: PURECC_SLOW_TESTS=1 bash scripts/test.sh runs it (the suite stays under 5 minutes)")
 def test_stage2_under_fsdp_equals_one_process_and_resumes_bitwise(extractors, tiny_sd35_path, tmp_path):
-    """FSDP2 shards the frozen base and both adapters; stage 2 switches between them every step. In fp32 the LoRA
-    it trains on 2 processes is the one 1 process accumulating the same global batch trains (the DDP tests'
-    tolerance and reasoning; measured against DDP itself: identical), its checkpoints hold accelerate's FSDP model
+    """Stage 2 on 2 processes under FSDP2 (it shards the frozen base and both adapters, and stage 2 switches
+    between them every step; stage 2 under DDP gave a LoRA identical to this one when measured). In fp32 the LoRA it trains on 2 processes is the one 1 process
+    accumulating the same global batch trains (the DDP tests' tolerance and reasoning), its checkpoints hold accelerate's FSDP model
     file beside our LoRA files, and resuming one in 2 processes ends bitwise where the straight run ends, with
     validation images rendered by both processes and written by one. (bf16 under FSDP, which failed on an H100, is
     covered where it broke: test_stage2.py's adapter-switching test and test_validation.py's decode test; a bf16
@@ -167,6 +170,7 @@ def test_stage2_under_fsdp_equals_one_process_and_resumes_bitwise(extractors, ti
     launch(FSDP_SHIM, "train_stage2_v2_sd3.py", *flags(straight), launcher=FSDP, env=CPU)
     stage2(tiny_sd35_path, tmp_path / "accumulated", "--stage1_output_dir", extractors[0], *COMMON,
            "--gradient_accumulation_steps", "2", csv=data)
+    assert [step for step, _ in tensorboard_scalars(straight / "robot_toy", "lambda")] == [1, 2, 3, 4]
     a, b = lora_tensors(straight / "robot_toy"), lora_tensors(tmp_path / "accumulated" / "robot_toy")
     assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < EQUIVALENCE_TOLERANCE
     assert max(v.abs().max().item() for k, v in a.items() if "lora_B" in k) > 100 * EQUIVALENCE_TOLERANCE

@@ -48,8 +48,10 @@ def lora_dir(stage: int, out: Path, csv_path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- exact resume
-@pytest.mark.parametrize("accumulation", [1, 2, 4])
-@pytest.mark.parametrize("images", [4, 5])
+# 5 images leave a partial last batch for accumulation 2 and 4 (the hard case) and none for 1; 4 images with
+# accumulation 2 is the even case (4 with 1 or 4 were dropped to keep the suite under 5 minutes: they add no new
+# boundary)
+@pytest.mark.parametrize("images, accumulation", [(5, 1), (5, 2), (5, 4), (4, 2)])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_is_exact_for_every_accumulation_length_and_kill_point(stage, images, accumulation, tiny_sd3_path,
                                                                       tmp_path):

@@ -171,9 +171,8 @@ def main(argv=None):
     # Model: ONE frozen base transformer, a new trainable LoRA and the frozen stage-1 LoRA as named adapters.
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
     add_trainable_lora(transformer, transformer_lora_config(args), TRAINABLE, seed=args.seed)
-    if run.extractor_dir is not None:
+    if run.extractor_dir is not None:  # peft places it beside the base weights (a quantised base refuses .to(dtype))
         load_lora_as_adapter(transformer, run.extractor_dir, EXTRACTOR, trainable=False)
-        transformer.to(device, dtype=weight_dtype)
     activate_adapter(transformer, TRAINABLE, trainable=True)
     weights = TrainedWeights({"transformer": (transformer, TRAINABLE)}, args.pretrained_model_name_or_path,
                              copied_token=run.learned_token)

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.state import PartialState
 from torch.profiler import ProfilerActivity, profile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,10 @@ def run_script(script, argv: list, warmup: int, steps: int) -> dict:
     meter, patches = StepMeter(warmup), []
     reset_peak()
     meter.install(script, patches)
+    # Under `accelerate launch` (DDP, FSDP) the script's end_training would destroy the process group that the next
+    # script run in this process needs; main() destroys it once at the end.
+    patches.append((PartialState, "destroy_process_group", PartialState.destroy_process_group))
+    PartialState.destroy_process_group = lambda self, group=None: None
     try:
         script.main(argv)
     finally:
@@ -359,7 +364,8 @@ def main(argv=None) -> int:
                                                       mixed_precision)
     report = {"model": args.model, "resolution": resolution, "device": torch.cuda.get_device_name()
               if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-              "extra": args.extra, "torch": torch.__version__, "designs": results}
+              "extra": args.extra, "torch": torch.__version__,
+              "under_fsdp": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true", "designs": results}
     print(table(results))
     if "stage1" in results and "stage2" in results:
         print(f"stage 2 / stage 1 step time: {results['stage2']['median_step_s'] / results['stage1']['median_step_s']:.2f}")
@@ -370,6 +376,8 @@ def main(argv=None) -> int:
         print(json.dumps(report["inference"], indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

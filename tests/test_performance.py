@@ -98,3 +98,21 @@ def test_bench_reports_every_design(tmp_path, capsys):
     assert designs["authors (release)"]["text_encoder_passes_per_step"] == 9
     table = capsys.readouterr().out
     assert "| stage2 |" in table and "stage 2 / stage 1 step time" in table
+
+
+def test_stage2_never_casts_a_quantised_base(tiny_sd35_path, extractors, tmp_path, monkeypatch):
+    """A bitsandbytes-quantised transformer refuses ``.to(dtype)`` (diffusers checks ``is_quantized``); stage 2 once
+    cast the whole transformer after adding the extractor and failed so with --base_quantization nf4 on an H100.
+    Here the tiny base is marked quantised, which arms the same check on the CPU."""
+    import train_stage2_v2_sd3
+
+    real_load = train_stage2_v2_sd3.load_diffusion_parts
+
+    def load_marked_quantised(*args, **kwargs):
+        scheduler, vae, transformer = real_load(*args, **kwargs)
+        transformer.is_quantized = True
+        return scheduler, vae, transformer
+
+    monkeypatch.setattr(train_stage2_v2_sd3, "load_diffusion_parts", load_marked_quantised)
+    stage2(tiny_sd35_path, tmp_path / "out", "--stage1_output_dir", extractors[0], steps=1)
+    assert (tmp_path / "out" / "robot_toy" / "pytorch_lora_weights.safetensors").is_file()

@@ -29,7 +29,8 @@ from utils.data import fill_placeholder, read_concept_csv, resolve_placeholders,
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
-                        load_text_encoder_loras, lora_format, lora_misfit, switch_adapter, transformer_lora_config)
+                        load_text_encoder_loras, lora_format, lora_misfit, switch_adapter, transformer_lora_config,
+                        tuner_layers)
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
@@ -132,18 +133,18 @@ def check_inputs(args) -> tuple[RunConfig, list[dict]]:
 
 
 @contextmanager
-def extractor_weights(transformer, extractor_mode: str):
+def extractor_weights(lora_layers: list, extractor_mode: str):
     """E for one no-grad pass: the stage-1 adapter alone (or every adapter off for --extractor_mode base), then the
     trainable adapter again; the trainable LoRA stays marked trainable throughout (utils.lora.switch_adapter)."""
     if extractor_mode == "base":
-        with adapters_disabled(transformer):
+        with adapters_disabled(lora_layers):
             yield
         return
-    switch_adapter(transformer, EXTRACTOR)
+    switch_adapter(lora_layers, EXTRACTOR)
     try:
         yield
     finally:
-        switch_adapter(transformer, TRAINABLE)
+        switch_adapter(lora_layers, TRAINABLE)
 
 
 def main(argv=None):
@@ -180,10 +181,11 @@ def main(argv=None):
     trainer = prepare_training(args, run, accelerator, weights, param_groups, items, class_items, vae,
                                "purecc-stage2")
     precondition = bool(args.precondition_outputs)
+    lora_layers = tuner_layers(transformer)  # every adapter is on the transformer by now
 
     def extractor_delta_of(noised, target_prompts):
         """delta = E(x_t, t, target_prompt) - E(x_t, t, ""): one no-grad pass of the frozen extractor."""
-        with torch.no_grad(), extractor_weights(transformer, args.extractor_mode):
+        with torch.no_grad(), extractor_weights(lora_layers, args.extractor_mode):
             e_cond, e_uncond = predict(trainer.model, extractor_cache, [(noised, target_prompts),
                                                                         (noised, [""] * len(target_prompts))],
                                        weight_dtype)
@@ -194,7 +196,7 @@ def main(argv=None):
         (the paper's dual branch); with --original_branch frozen, v_base is the base model's, no grad (supplement
         section 14); with detached, the trainable model's without gradient."""
         if args.original_branch == "frozen":
-            with torch.no_grad(), adapters_disabled(transformer):
+            with torch.no_grad(), adapters_disabled(lora_layers):
                 [v_base] = predict(trainer.model, prompt_cache, [(noised, batch["base_prompt"])], weight_dtype)
             v, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]), *klass], weight_dtype)
         else:

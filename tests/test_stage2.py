@@ -19,7 +19,7 @@ from helpers import stage2 as run_stage2
 
 import train_stage1_sd3 as stage1
 import train_stage2_v2_sd3 as stage2
-from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, adapters_disabled
+from utils.lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, adapters_disabled, tuner_layers
 
 TINY = ["--resolution", "64", "--report_to", "none", "--rank", "4"]
 
@@ -154,19 +154,22 @@ def test_switching_adapters_keeps_the_trainable_lora_trainable():
 
     trainable = marks()
     assert all(v == ("purecc" in k) for k, v in trainable.items())
-    x = torch.randn(3, 4)
+    x, layers = torch.randn(3, 4), tuner_layers(model)
+    assert len(layers) == 2
     with torch.no_grad():
         purecc = model(x)
-        switch_adapter(model, "extractor")
-        assert marks() == trainable and not torch.allclose(model(x), purecc)
-        with stage2.adapters_disabled(model):
+        switch_adapter(layers, "extractor")
+        extractor = model(x)
+        assert marks() == trainable and not torch.allclose(extractor, purecc)
+        with stage2.adapters_disabled(layers):
             assert marks() == trainable
             base = model(x)
-        assert marks() == trainable and not torch.allclose(base, purecc)
-        switch_adapter(model, "purecc")
+        assert marks() == trainable and not torch.allclose(base, purecc) and not torch.allclose(base, extractor)
+        assert torch.equal(model(x), extractor)  # leaving the context restores what ran before
+        switch_adapter(layers, "purecc")
         assert marks() == trainable and torch.equal(model(x), purecc)
         for mode in ("lora", "base"):  # stage 2's extractor pass, both modes
-            with stage2.extractor_weights(model, mode):
+            with stage2.extractor_weights(layers, mode):
                 assert marks() == trainable and not torch.allclose(model(x), purecc)
             assert marks() == trainable and torch.equal(model(x), purecc)
 
@@ -291,8 +294,9 @@ def test_extractor_is_all_of_stage_1_text_encoder_loras_included(tiny_sd35_path,
     def pipeline_velocity(with_clip_lora: bool):
         pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd35_path)
         pipe.load_lora_weights(stage1_dir)
-        with torch.no_grad(), adapters_disabled(pipe.text_encoder) if not with_clip_lora else nullcontext(), \
-                adapters_disabled(pipe.text_encoder_2) if not with_clip_lora else nullcontext():
+        clip_off = [adapters_disabled(tuner_layers(encoder)) if not with_clip_lora else nullcontext()
+                    for encoder in (pipe.text_encoder, pipe.text_encoder_2)]
+        with torch.no_grad(), clip_off[0], clip_off[1]:
             embeds, _, pooled, _ = pipe.encode_prompt(prompts + [""], None, None, do_classifier_free_guidance=False,
                                                       max_sequence_length=77)
         with torch.no_grad():

@@ -91,3 +91,14 @@ def concept_run(tiny_sd35_path, tmp_path_factory) -> dict:
     out = root / "output"
     return dict(root=root, out=out, env=env, stdout=result.stdout, model=tiny_sd35_path,
                 stage1=out / "base_ckpt" / "robot_toy", stage2=out / "robot_toy", samples=out / "robot_toy" / "samples")
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses a second mixed precision in it; a bf16 run in
+    this process (a launched run has a process of its own) starts from a fresh state and leaves one behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

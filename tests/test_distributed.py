@@ -5,7 +5,6 @@ run, one writer, a bitwise two-process resume, and the same LoRA as one process 
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -150,8 +149,6 @@ FSDP_SHIM = "tests/fsdp_on_cpu.py"
 
 
 @pytest.mark.xdist_group("fsdp")  # its own group: it runs beside the DDP tests' worker, not after them
-@pytest.mark.skipif(os.environ.get("PURECC_SLOW_TESTS") != "1",
-                    reason="~45 s: PURECC_SLOW_TESTS=1 bash scripts/test.sh runs it (the suite stays under 5 minutes)")
 def test_stage2_under_fsdp_equals_one_process_and_resumes_bitwise(extractors, tiny_sd35_path, tmp_path):
     """Stage 2 on 2 processes under FSDP2 (it shards the frozen base and both adapters, and stage 2 switches
     between them every step; stage 2 under DDP gave a LoRA identical to this one when measured). In fp32 the LoRA it trains on 2 processes is the one 1 process

@@ -89,16 +89,18 @@ def test_ignored_release_flags_warn_in_one_line(flag, tiny_sd35_path, tmp_path):
         train_stage1_sd3.main(argv)
 
 
-def test_release_readme_commands_run_verbatim(tiny_sd35_path, tmp_path):
-    """The release README's stage-1 and stage-2 commands through ``accelerate launch`` (paths, steps and the tiny
-    model's resolution aside) on a release-style CSV: stage 1 learns <new1>, stage 2 (``train_stage2_sd3.py``, the
-    release's name) finds it through --stage1_output_dir and copies it beside its LoRA."""
+def test_release_readme_commands_run_verbatim(tiny_sd35_path, tmp_path, fresh_accelerator_state):
+    """The release README's stage-1 and stage-2 commands (paths, steps and the tiny model's resolution aside) on a
+    release-style CSV: stage 1 (in this process: the suite's 5 minutes; run_concept.sh and the DDP tests launch it)
+    learns <new1>, stage 2 through ``accelerate launch`` as ``train_stage2_sd3.py`` (the release's name) finds it
+    through --stage1_output_dir and copies it beside its LoRA."""
     data = release_csv(tmp_path / "dataset").parent
     out = tmp_path / "output"
-    launch("train_stage1_sd3.py", f"--pretrained_model_name_or_path={tiny_sd35_path}", f"--data_path={data}",
-           "--csv_name=robot_toy.csv", f"--output_dir={out / 'base_ckpt'}", "--new_concept_token=<new1>",
-           "--embedding_lr=5e-3", "--learning_rate=1e-4", "--rank=4", "--resolution=64", "--train_batch_size=4",
-           "--max_train_steps=2", "--mixed_precision=bf16", "--seed=0", "--report_to=none")
+    train_stage1_sd3.main([f"--pretrained_model_name_or_path={tiny_sd35_path}", f"--data_path={data}",
+                           "--csv_name=robot_toy.csv", f"--output_dir={out / 'base_ckpt'}", "--new_concept_token=<new1>",
+                           "--embedding_lr=5e-3", "--learning_rate=1e-4", "--rank=4", "--resolution=64",
+                           "--train_batch_size=4", "--max_train_steps=2", "--mixed_precision=bf16", "--seed=0",
+                           "--report_to=none"])
     launch("train_stage2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", data,
            "--csv_name", "robot_toy.csv", "--output_dir", out, "--stage1_output_dir", out / "base_ckpt",
            "--max_train_steps", "2", "--learning_rate", "1e-4", "--rank", "4", "--eta", "2.0", "--mixed_precision",

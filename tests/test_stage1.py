@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import DATA, checkpoint_names, launch, run_cli, stage1
+from helpers import DATA, checkpoint_names, run_cli, stage1
 from safetensors.torch import load_file
 
 from utils.checks import BadInput
@@ -93,15 +93,18 @@ def csv_blocks(root, tiny_sd3_path):
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_authors_stage1_command(tiny_sd35_path, tmp_path):
-    """purecc_readme's stage-1 command through ``accelerate launch``, only paths, steps and (tiny model) resolution
-    changed: bf16, batch 1 x accumulation 4, constant lr 4e-4, rank 4."""
+def test_authors_stage1_command(tiny_sd35_path, tmp_path, fresh_accelerator_state):
+    """purecc_readme's stage-1 command, only paths, steps and (tiny model) resolution changed: bf16, batch 1 x
+    accumulation 4, constant lr 4e-4, rank 4. In this process (the ~20 s of a launch saved for the suite's 5
+    minutes); test_release.py runs both scripts through ``accelerate launch``."""
+    import train_stage1_sd3
+
     out = tmp_path / "output" / "base_ckpt" / "robot_toy"
-    launch("train_stage1_sd3.py", f"--pretrained_model_name_or_path={tiny_sd35_path}",
-           f"--instance_data_dir={DATA / 'robot_toy'}", f"--output_dir={out}", '--mixed_precision=bf16',
-           f"--instance_prompt={PROMPT}", "--resolution=64", "--train_batch_size=1",
-           "--gradient_accumulation_steps=4", "--learning_rate=4e-4", '--lr_scheduler=constant',
-           "--lr_warmup_steps=0", "--max_train_steps=2", "--rank=4", "--seed=0", "--report_to=none")
+    train_stage1_sd3.main([f"--pretrained_model_name_or_path={tiny_sd35_path}",
+                           f"--instance_data_dir={DATA / 'robot_toy'}", f"--output_dir={out}", '--mixed_precision=bf16',
+                           f"--instance_prompt={PROMPT}", "--resolution=64", "--train_batch_size=1",
+                           "--gradient_accumulation_steps=4", "--learning_rate=4e-4", '--lr_scheduler=constant',
+                           "--lr_warmup_steps=0", "--max_train_steps=2", "--rank=4", "--seed=0", "--report_to=none"])
     assert_both_formats(out)
     assert "| steps | 2 |" in (out / "README.md").read_text()
 

@@ -37,13 +37,17 @@ def same_prompt_csv(folder: Path) -> Path:
     return folder / "same.csv"
 
 
-def test_authors_stage2_command_writes_both_formats_and_logs(tiny_sd35_path, extractors, tmp_path):
+def test_authors_stage2_command_writes_both_formats_and_logs(tiny_sd35_path, extractors, tmp_path, monkeypatch,
+                                                             fresh_accelerator_state):
+    """purecc_readme.txt's stage-2 command, only paths, steps and (tiny model) resolution changed, from the repository
+    root. In this process (the ~20 s of a launch saved for the suite's 5 minutes); test_release.py runs both scripts
+    through ``accelerate launch``."""
     out = tmp_path / "output"
     shutil.copytree(extractors[0], out / "base_ckpt" / "robot_toy")  # where stage 1 puts it by default
-    # purecc_readme.txt's stage-2 command, only paths, steps and (tiny model) resolution changed.
-    launch("train_stage2_v2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", "data",
-           "--csv_name", "robot_toy.csv", "--output_dir", out, "--max_train_steps", "4", "--learning_rate", "1e-4",
-           "--rank", "4", "--eta", "2.0", "--mixed_precision", "bf16", "--resolution", "64")
+    monkeypatch.chdir(REPO_ROOT)
+    stage2.main(["--pretrained_model_name_or_path", str(tiny_sd35_path), "--data_path", "data", "--csv_name",
+                 "robot_toy.csv", "--output_dir", str(out), "--max_train_steps", "4", "--learning_rate", "1e-4",
+                 "--rank", "4", "--eta", "2.0", "--mixed_precision", "bf16", "--resolution", "64"])
     concept = out / "robot_toy"
     for name in (DIFFUSERS_WEIGHT_NAME, PEFT_WEIGHT_NAME, PEFT_CONFIG_NAME, "README.md"):
         assert (concept / name).is_file(), name

@@ -25,6 +25,7 @@ same seeds), and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing
@@ -213,20 +214,16 @@ def score(images: dict, base: dict, concept: list, plain: list) -> dict:
                            "agrees_with_base": float(np.mean(agreement)), "pixel_change": float(change)}
 
 
-_PIPELINE = {}  # per process: the world's pipeline, loaded once, LoRAs added and removed
-
-
-def world_pipeline(args) -> StableDiffusion3Pipeline:
-    if args.world not in _PIPELINE:
-        pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(args.world) / "model"), dtype=torch.float32)
-        pipe.set_progress_bar_config(disable=True)
-        _PIPELINE[args.world] = pipe
-    return _PIPELINE[args.world]
+@functools.cache  # per process: the world's pipeline, loaded once, LoRAs added and removed
+def world_pipeline(world_dir: str) -> StableDiffusion3Pipeline:
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(Path(world_dir) / "model"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def render_base(args, concept: list, plain: list) -> dict:
     """The base model's images, plus its images of the concept prompts with the plain noun (Seg-Cons' reference)."""
-    pipe = world_pipeline(args)
+    pipe = world_pipeline(args.world)
     base = model_images(pipe, args, concept, plain)
     base["concept_base_prompt"] = render(pipe, [world.base_caption(s) for s in concept], args, 1000)
     return base
@@ -234,7 +231,7 @@ def render_base(args, concept: list, plain: list) -> dict:
 
 def render_lora(args, folder: Path, concept: list, plain: list) -> dict:
     """The images of the world with one trained LoRA at strength 1."""
-    pipe = world_pipeline(args)
+    pipe = world_pipeline(args.world)
     names = add_loras(pipe, [folder], [None])
     pipe.set_adapters(names, adapter_weights=[1.0])
     images = model_images(pipe, args, concept, plain)

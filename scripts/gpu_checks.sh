@@ -65,7 +65,7 @@ LAUNCH=($PY -m accelerate.commands.launch)
 MP=${MP:-bf16}
 if has fsdp; then
   f=$WORK/fsdp
-  $PY -c "import sys; from utils.tiny_sd3 import build_tiny_sd3; build_tiny_sd3(sys.argv[1], variant='sd35')" "$f/tiny"
+  $PY -m utils.tiny_sd3 "$f/tiny" --variant sd35
   common=(--pretrained_model_name_or_path "$f/tiny" --data_path data --csv_name robot_toy.csv --resolution 64
           --max_train_steps 4 --checkpointing_steps 2 --learning_rate 1e-3 --seed 3 --mixed_precision "$MP"
           --report_to none)
@@ -121,8 +121,7 @@ if has levers; then
     case $BENCH_MODEL in
       sd35m) $PY -c "import sys, torch; from utils.tiny_sd3 import build_sd35m
 build_sd35m(sys.argv[1], device='cuda', dtype=torch.bfloat16)" "$model" ;;
-      *) $PY -c "import sys; from utils.tiny_sd3 import build_tiny_sd3
-build_tiny_sd3(sys.argv[1], variant='sd35')" "$model" ;;
+      *) $PY -m utils.tiny_sd3 "$model" --variant sd35 ;;
     esac
   fi
   R2=${RES2:-1024}; R1=${RES1:-512}

@@ -97,11 +97,11 @@ stage2_flags() {
                 --eta "$ETA" $(run_flags "$STAGE2_DIR" "$run1") ${STAGE2_EXTRA[@]+"${STAGE2_EXTRA[@]}"} "$@")
 }
 
-# check_inputs: every input check of the stages that will train, before anything launches, both at once. A stage 2
-# whose extractor stage 1 has yet to train is checked without it (--extractor_mode base); all else is checked.
+# check_inputs: every input check of the stages that will train, before anything launches: both scripts'
+# --check_only in one Python process, so their imports (~13 s on 2 cores) are paid once; each failure prints its
+# script's one error line. A stage 2 whose extractor stage 1 has yet to train is checked without it
+# (--extractor_mode base); all else is checked.
 check_inputs() {
-  # Both stages' --check_only in one Python process: the imports (~13 s on 2 cores) are paid once. Each stage that
-  # will run is checked, each failure prints its script's one error line, and nothing has been written yet.
   [ "$run1" = 1 ] || [ "$run2" = 1 ] || return 0
   local extra=(); [ "$run1" = 1 ] && extra=(--extractor_mode base)  # stage 1 has not made the extractor yet
   "$PYTHON" - "$REPO" "$run1" "$run2" "${STAGE1_FLAGS[@]}" ::stage2:: "${STAGE2_FLAGS[@]}" ${extra[@]+"${extra[@]}"} \
@@ -123,6 +123,7 @@ sys.exit(status)
 PY
 }
 
+# write_sample_prompts FILE: the CSV's prompts, then recontextualisations of its instance word as "[v]"
 write_sample_prompts() {
   "$PYTHON" - "$CSV" "$1" <<'PY'
 import csv, sys

@@ -35,7 +35,10 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import random
+import shutil
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -76,6 +80,12 @@ def parse_args(argv=None):
     p.add_argument("--decoder_steps", type=int, default=4000,
                    help="Then the decoder alone (grown, --decoder_layers_per_block), the encoder frozen: sharper "
                         "stripes, the same latent space.")
+    p.add_argument("--no_decoder_in_parallel", dest="decoder_in_parallel", action="store_false",
+                   help="Train the decoder phase after the first one, in this process. By default it trains in a second "
+                        "process while the transformer trains (it needs only the first phase's encoder), so on two "
+                        "cores the build takes the first phase plus the transformer. The weights are bitwise the same "
+                        "either way; in parallel, the transformer's progress checks (--eval_every) decode with the "
+                        "first phase's decoder.")
     p.add_argument("--transformer_steps", type=int, default=12000)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--shift", type=float, default=3.0,
@@ -191,45 +201,114 @@ def cosine_schedule(optimizer, steps: int):
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, steps))))))
 
 
-def train_vae(args, scene_images: np.ndarray) -> AutoencoderKL:
-    """The codec in two phases: encoder and decoder together (``--vae_steps``), then, grown to
-    ``--decoder_layers_per_block`` resnets per block (``grow_vae``), the decoder alone (``--decoder_steps``, the
-    encoder frozen). The second phase sharpens what the decoder draws without moving
-    the latent space, as Stability AI's ft-MSE decoder did for SD's VAE; the transformer, trained on the frozen
-    encoder's latents, is the same whether it runs or not."""
+def train_vae_phase(vae: AutoencoderKL, args, phase: str, rng: np.random.Generator,
+                    scene_images: np.ndarray) -> AutoencoderKL:
+    """One phase of the codec's training: "vae" trains encoder and decoder together (``--vae_steps``); "decoder" grows
+    the VAE to ``--decoder_layers_per_block`` resnets per block (``grow_vae``) and trains the decoder alone
+    (``--decoder_steps``, the encoder frozen). The second phase sharpens what the decoder draws without moving the
+    latent space, as Stability AI's ft-MSE decoder did for SD's VAE; the transformer, trained on the frozen encoder's
+    latents, is the same whether it runs or not. Batches come from ``rng``, the posterior's noise from torch's global
+    generator: the decoder phase continues both where the first phase left them."""
+    steps, learning_rate = (args.vae_steps, 2e-3) if phase == "vae" else (args.decoder_steps, 1e-3)
+    if phase == "decoder" and steps:
+        vae = grow_vae(vae, args)
+        vae.encoder.requires_grad_(False)
+    params = vae.parameters() if phase == "vae" else vae.decoder.parameters()
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    schedule = cosine_schedule(optimizer, steps)
+    start = time.time()
+    for step in range(steps):
+        pixels = vae_batch(args, rng, scene_images)
+        with torch.set_grad_enabled(phase == "vae"):
+            posterior = vae.encode(pixels).latent_dist
+            latents = posterior.sample()
+        reconstruction = vae.decode(latents).sample
+        loss = (reconstruction - pixels).abs().mean() + (reconstruction - pixels).pow(2).mean()
+        if phase == "vae":
+            loss = loss + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 500 == 0 or step == steps - 1:
+            log(f"{phase} step {step}/{steps} loss {loss.item():.4f}, concept fidelity after a round trip "
+                f"{np.mean(vae_fidelities(vae, args)):.3f} ({time.time() - start:.0f} s)")
+    return vae
+
+
+def train_encoder(args, scene_images: np.ndarray) -> tuple[AutoencoderKL, np.random.Generator]:
+    """The codec's first phase, from the seed; returns the VAE and the batch generator the decoder phase goes on with."""
     torch.manual_seed(args.seed * 1000 + 11)
     rng = np.random.default_rng(args.seed * 1000 + 12)
     vae = make_vae(args, args.vae_layers_per_block).to(args.device)
-    start = time.time()
-    for phase, steps, learning_rate in (("vae", args.vae_steps, 2e-3), ("decoder", args.decoder_steps, 1e-3)):
-        if phase == "decoder" and steps:
-            vae = grow_vae(vae, args)
-            vae.encoder.requires_grad_(False)
-        params = vae.parameters() if phase == "vae" else vae.decoder.parameters()
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-        schedule = cosine_schedule(optimizer, steps)
-        for step in range(steps):
-            pixels = vae_batch(args, rng, scene_images)
-            with torch.set_grad_enabled(phase == "vae"):
-                posterior = vae.encode(pixels).latent_dist
-                latents = posterior.sample()
-            reconstruction = vae.decode(latents).sample
-            loss = (reconstruction - pixels).abs().mean() + (reconstruction - pixels).pow(2).mean()
-            if phase == "vae":
-                loss = loss + 1e-6 * posterior.kl().mean()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step % 500 == 0 or step == steps - 1:
-                log(f"{phase} step {step}/{steps} loss {loss.item():.4f}, concept fidelity after a round trip "
-                    f"{np.mean(vae_fidelities(vae, args)):.3f} ({time.time() - start:.0f} s)")
+    return train_vae_phase(vae, args, "vae", rng, scene_images), rng
+
+
+def set_latent_scaling(vae: AutoencoderKL, scene_images: np.ndarray) -> AutoencoderKL:
+    """Freeze the VAE and record SD3's latent convention: latents are shifted and scaled to unit variance before the
+    transformer sees them. Only the encoder decides these numbers, and the decoder phase leaves it bitwise alone."""
     vae.eval().requires_grad_(False)
-    # SD3 convention: latents are shifted and scaled to unit variance before the transformer sees them.
     with torch.no_grad():
-        means = vae.encode(to_pixels(scene_images).to(args.device)).latent_dist.mean
+        means = vae.encode(to_pixels(scene_images).to(vae.device)).latent_dist.mean
     vae.register_to_config(shift_factor=float(means.mean()), scaling_factor=float(1.0 / means.std()))
     return vae
+
+
+def train_vae(args, scene_images: np.ndarray) -> AutoencoderKL:
+    """Both phases of the codec, one after the other (``--vae_only``, ``--no_decoder_in_parallel``)."""
+    vae, rng = train_encoder(args, scene_images)
+    return set_latent_scaling(train_vae_phase(vae, args, "decoder", rng, scene_images), scene_images)
+
+
+# The decoder phase in a second process. The transformer needs only the frozen encoder's latents, and the decoder
+# phase needs only the first phase's VAE and generators, so the two can train at once on two cores. The hand-off goes
+# through files (safetensors and JSON), and the child continues exactly where a sequential build would: its VAE is
+# bitwise what ``train_vae`` gives (tests/test_evidence_world.py).
+def hand_off_decoder_phase(vae: AutoencoderKL, rng: np.random.Generator, work_dir: Path) -> None:
+    save_file(vae.state_dict(), str(work_dir / "encoder_phase.safetensors"))
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state().tolist()}
+    if vae.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(vae.device).tolist()
+    (work_dir / "generators.json").write_text(json.dumps(state))
+
+
+def run_decoder_phase(arg_values: dict, work_dir: str) -> None:
+    """What the second process runs: ``train_vae_phase(..., "decoder", ...)`` from the handed-off state, its VAE
+    written to <work_dir>/decoder_phase.safetensors."""
+    args, work = argparse.Namespace(**arg_values), Path(work_dir)
+    torch.set_num_threads(args.threads)
+    vae = make_vae(args, args.vae_layers_per_block)
+    vae.load_state_dict(load_file(str(work / "encoder_phase.safetensors")))
+    vae.to(args.device)
+    state = json.loads((work / "generators.json").read_text())
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state["numpy"]
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), vae.device)
+    scene_images = np.stack([world.render(s) for s in world.all_scenes()])
+    vae = train_vae_phase(vae, args, "decoder", rng, scene_images)
+    save_file(vae.state_dict(), str(work / "decoder_phase.safetensors"))
+
+
+def start_decoder_phase(args, vae: AutoencoderKL, rng: np.random.Generator, work_dir: Path):
+    hand_off_decoder_phase(vae, rng, work_dir)
+    # spawn, not fork: a forked child of a process that has run torch can hang in its thread pools
+    job = multiprocessing.get_context("spawn").Process(target=run_decoder_phase, args=(vars(args), str(work_dir)),
+                                                       name="decoder phase", daemon=True)
+    job.start()
+    return job
+
+
+def finish_decoder_phase(job, args, work_dir: Path, scene_images: np.ndarray) -> AutoencoderKL:
+    job.join()
+    if job.exitcode != 0:
+        raise SystemExit(f"error: the VAE's decoder phase (a second process) failed with exit code {job.exitcode}, "
+                         "its traceback is above. model/ holds the trained transformer and the VAE before that "
+                         "phase: finish it with --vae_only.")
+    vae = make_vae(args, args.decoder_layers_per_block)
+    vae.load_state_dict(load_file(str(work_dir / "decoder_phase.safetensors")))
+    return set_latent_scaling(vae.to(args.device), scene_images)
 
 
 # ----------------------------------------------------------------------------------------------- transformer
@@ -442,8 +521,15 @@ def main(argv=None) -> int:
                                       "transformer": ["diffusers", "SD3Transformer2DModel"],
                                       "vae": ["diffusers", "AutoencoderKL"]})
 
-        log(f"VAE: {args.vae_steps} steps")
-        vae = train_vae(args, scene_images)
+        log(f"VAE: {args.vae_steps} steps, then the decoder alone {args.decoder_steps} steps"
+            + (" in a second process, beside the transformer" if args.decoder_in_parallel else ""))
+        if args.decoder_in_parallel and args.decoder_steps:
+            work_dir = Path(tempfile.mkdtemp(prefix="toy_world_decoder_"))
+            vae, rng = train_encoder(args, scene_images)
+            decoder_job = start_decoder_phase(args, vae, rng, work_dir)
+            vae = set_latent_scaling(vae, scene_images)  # the transformer trains on these latents meanwhile
+        else:
+            vae, decoder_job = train_vae(args, scene_images), None
         # the text encoders from the folder, the models in hand (the transformer only lends its config here)
         text_pipe = StableDiffusion3Pipeline.from_pretrained(str(model_dir), transformer=make_transformer(args),
                                                              vae=vae, scheduler=scheduler, dtype=torch.float32)
@@ -454,8 +540,13 @@ def main(argv=None) -> int:
         # fp16 on disk keeps the committed world small; the scripts load and train it in fp32 as usual
         transformer.to(torch.float16).save_pretrained(model_dir / "transformer", safe_serialization=True)
         vae.to(torch.float16).save_pretrained(model_dir / "vae", safe_serialization=True)
+        if decoder_job is not None:  # replace the first phase's VAE, written above in case the second process failed
+            vae = finish_decoder_phase(decoder_job, args, work_dir, scene_images)
+            vae.to(torch.float16).save_pretrained(model_dir / "vae", safe_serialization=True)
+            shutil.rmtree(work_dir)
         world.write_concept(out / "sks_toy", out / "sks_toy.csv")
-        build = {key: getattr(args, key) for key in ("seed", "device", "threads", *VAE_SETTINGS, "transformer_steps",
+        build = {key: getattr(args, key) for key in ("seed", "device", "threads", *VAE_SETTINGS, "decoder_in_parallel",
+                                                      "transformer_steps",
                                                       "batch_size", "learning_rate", "shift", "ema_decay",
                                                       "num_layers", "num_attention_heads", "attention_head_dim")}
         build["transformer_steps_trained"] = trained_steps

@@ -4,7 +4,9 @@ by its gate report, and usable by the project's unchanged training scripts and p
 from __future__ import annotations
 
 import json
+import pickle
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -194,3 +196,30 @@ def test_evidence_script_rejects_an_unknown_variant(tmp_path):
 
     with pytest.raises(SystemExit, match="--variants: unknown \\['nope'\\]"):
         evidence.main(["--variants", "stage1,nope", "--output_dir", str(tmp_path)])
+
+
+def test_decoder_phase_in_a_second_process_gives_the_sequential_vae(tmp_path, monkeypatch):
+    """--decoder_in_parallel hands the first phase's VAE and both generators to a second process through files: what
+    that process trains is bitwise the VAE of the sequential order. The function the process runs is called here in
+    this process (a spawned one would pay ~12 s of imports); the arguments it is spawned with must pickle."""
+    torch.set_num_threads(1)
+    args = build_toy_world.parse_args(["--vae_steps", "2", "--decoder_steps", "2", "--vae_batch_size", "2"])
+    first_scenes = world.all_scenes()[:4]
+    monkeypatch.setattr(world, "all_scenes", lambda: first_scenes)  # the second process renders world.all_scenes()
+    scenes = np.stack([world.render(scene) for scene in first_scenes])
+    sequential = build_toy_world.train_vae(args, scenes)
+
+    vae, rng = build_toy_world.train_encoder(args, scenes)
+    build_toy_world.hand_off_decoder_phase(vae, rng, tmp_path)
+    pickle.dumps((vars(args), str(tmp_path)))
+    torch.manual_seed(12345)  # the second process starts from the handed-off generators, not from this state
+    build_toy_world.run_decoder_phase(vars(args), str(tmp_path))
+    finished = build_toy_world.finish_decoder_phase(SimpleNamespace(join=lambda: None, exitcode=0), args, tmp_path,
+                                                          scenes)
+    expected, got = sequential.state_dict(), finished.state_dict()
+    assert expected.keys() == got.keys() and finished.config.layers_per_block == args.decoder_layers_per_block
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert (finished.config.shift_factor, finished.config.scaling_factor) == \
+        (sequential.config.shift_factor, sequential.config.scaling_factor)
+    with pytest.raises(SystemExit, match="exit code 1.*--vae_only"):
+        build_toy_world.finish_decoder_phase(SimpleNamespace(join=lambda: None, exitcode=1), args, tmp_path, scenes)

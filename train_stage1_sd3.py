@@ -27,8 +27,8 @@ from utils.flow_matching import add_noise, flow_matching_loss
 from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
-from utils.training import (load_diffusion_parts, predict, prepare_training, scaled_learning_rate, start_run,
-                            train_loop, trainable_to_fp32, weight_dtype_of)
+from utils.training import (compiled_if, load_diffusion_parts, predict, prepare_training, scaled_learning_rate,
+                            start_run, train_loop, trainable_to_fp32, weight_dtype_of)
 
 ADAPTER = "default"
 
@@ -148,6 +148,7 @@ def main(argv=None):
     trainer = prepare_training(args, run, accelerator, weights, param_groups, items, class_items, vae,
                                "purecc-stage1")
     precondition = bool(args.precondition_outputs)
+    loss_of = compiled_if(args, flow_matching_loss)
 
     def step(batch, generator):
         """Flow matching (docs/method.md section 3) on the instance images, and on the class images (each with its
@@ -156,10 +157,10 @@ def main(argv=None):
                            generator)
         klass = class_group(batch, vae, noise_scheduler, args, generator, device)
         pred, *class_pred = predict(trainer.model, prompt_cache, [(noised, batch["prompt"]), *klass], weight_dtype)
-        loss = flow_matching_loss(pred, noised, precondition)
+        loss = loss_of(pred, noised, precondition)
         logs = {"loss": loss.item()}
         if klass:  # DreamBooth prior preservation
-            prior = flow_matching_loss(class_pred[0], klass[0][0], precondition)
+            prior = loss_of(class_pred[0], klass[0][0], precondition)
             loss = loss + args.prior_loss_weight * prior
             logs.update(instance_loss=logs["loss"], prior_loss=prior.item(), loss=loss.item())
         return loss, logs

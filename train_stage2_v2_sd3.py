@@ -34,8 +34,8 @@ from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora,
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss
-from utils.training import (load_diffusion_parts, start_run, predict, prepare_training, scaled_learning_rate,
-                            train_loop, trainable_to_fp32, weight_dtype_of)
+from utils.training import (compiled_if, load_diffusion_parts, start_run, predict, prepare_training,
+                            scaled_learning_rate, train_loop, trainable_to_fp32, weight_dtype_of)
 
 TRAINABLE, EXTRACTOR = "purecc", "extractor"
 PROMPT_COLUMNS = ("prompt", "base_prompt", "target_prompt")
@@ -182,6 +182,8 @@ def main(argv=None):
                                "purecc-stage2")
     precondition = bool(args.precondition_outputs)
     lora_layers = tuner_layers(transformer)  # every adapter is on the transformer by now
+    lambda_of, loss_of = compiled_if(args, purecc_lambda), compiled_if(args, purecc_loss)
+    prior_of = compiled_if(args, flow_matching_loss)
 
     def extractor_delta_of(noised, target_prompts):
         """delta = E(x_t, t, target_prompt) - E(x_t, t, ""): one no-grad pass of the frozen extractor."""
@@ -215,16 +217,16 @@ def main(argv=None):
         delta = extractor_delta_of(noised, batch["target_prompt"])                        # line 11
         v, v_base, class_pred = concept_and_original(noised, batch, klass)                # lines 12-13
         v, v_base = (prediction_space(p, noised, precondition) for p in (v, v_base))
-        lam = purecc_lambda(args.lambda_mode, v, v_base, delta, args.fix_lambda, args.lambda_min,
-                            args.lambda_max)                                              # line 14, Eqs. 10-12
-        terms = purecc_loss(v, v_base, delta, flow_target(noised, precondition), noised.weights, args.eta,
-                            lam)                                                          # line 15, Eqs. 13-15
+        lam = lambda_of(args.lambda_mode, v, v_base, delta, args.fix_lambda, args.lambda_min,
+                        args.lambda_max)                                                  # line 14, Eqs. 10-12
+        terms = loss_of(v, v_base, delta, flow_target(noised, precondition), noised.weights, args.eta,
+                        lam)                                                              # line 15, Eqs. 13-15
         at_min, at_max = clamped_fractions(args.lambda_mode, lam, args.lambda_min, args.lambda_max)
         logs = {"loss": terms.total.item(), "diff_loss": terms.diff_loss.item(), "pri_loss": terms.pure_loss.item(),
                 "lambda": lam.mean().item(), "lambda_at_min": at_min, "lambda_at_max": at_max}
         loss = terms.total
         if klass:  # DreamBooth prior preservation, added to Eq. 15
-            prior = flow_matching_loss(class_pred[0], klass[0][0], precondition)
+            prior = prior_of(class_pred[0], klass[0][0], precondition)
             loss = loss + args.prior_loss_weight * prior
             logs.update(prior_loss=prior.item(), loss=loss.item())
         return loss, logs                                                                 # line 16: the update

@@ -176,6 +176,22 @@ def compile_regions(transformer, backend: str) -> None:
         getattr(transformer, name).compile(backend=backend)
 
 
+def compiled_if(args, fn):
+    """``fn`` torch.compile'd with --compile_backend under --compile, else ``fn`` itself: for a stage's loss maths,
+    dozens of small elementwise ops and reductions over the latents, forward and backward, become one graph each."""
+    return torch.compile(fn, backend=args.compile_backend) if args.compile else fn
+
+
+def compile_vae_encoder(vae, backend: str) -> None:
+    """The frozen VAE encodes every step's images (without --cache_latents): its down blocks, the resnets of its
+    middle block and its output norm are compiled, each on its own, like the transformer's regions. The middle
+    block's attention stays eager: compiled with the aot_eager backend it fails on a batch of one ("Expected
+    X.is_contiguous(memory_format)", torch 2.13 on the CPU)."""
+    encoder = vae.encoder
+    for module in (*encoder.down_blocks, *encoder.mid_block.resnets, encoder.conv_norm_out):
+        module.compile(backend=backend)
+
+
 def predict(model, prompt_cache, groups, dtype) -> list[torch.Tensor]:
     """One forward pass over several groups of (Noised, prompts): the predicted velocities, split back per group.
     Branches that share x_t and t (a prompt and its base prompt) or ride along (class images) cost one pass."""
@@ -219,6 +235,7 @@ def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: l
     transformer = trained.lora_parts["transformer"][0]
     if args.compile:
         compile_regions(transformer, args.compile_backend)
+        compile_vae_encoder(vae, args.compile_backend)
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(transformer, optimizer, dataloader, lr_scheduler)
     if len(dataloader) != schedule.batches_per_epoch:
         raise RuntimeError(f"accelerate gave each process {len(dataloader)} batches per epoch, the schedule expected "

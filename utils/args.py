@@ -92,7 +92,8 @@ def add_optim_args(p, learning_rate: float):
 def add_speed_args(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each transformer block and the small modules around them (regional "
-                        "compilation): fewer kernel launches per step; the first steps pay the compilation.")
+                        "compilation), the VAE encoder's blocks and the stage's loss maths: fewer kernel launches per "
+                        "step; the first steps pay the compilation.")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor; aot_eager in tests).")
     p.add_argument("--text_encoder_device", default=None,
                    help="Device the frozen text encoders encode the prompts on (default: the training device). "

@@ -558,7 +558,9 @@ def main(argv=None) -> int:
         build["minutes"] = round((time.time() - started) / 60, 1)
     elif args.vae_only:
         started = time.time()
-        build = json.loads((out / "build_report.json").read_text()).get("build", {})
+        # a build whose decoder process failed has no report yet: the whole build's settings are then unknown
+        report_path = out / "build_report.json"
+        build = json.loads(report_path.read_text()).get("build", {}) if report_path.exists() else {}
         vae = train_vae(args, np.stack([world.render(s) for s in world.all_scenes()]))
         require_same_encoder(vae, AutoencoderKL.from_pretrained(str(model_dir / "vae")))
         vae.to(torch.float16).save_pretrained(model_dir / "vae", safe_serialization=True)

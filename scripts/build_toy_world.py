@@ -85,11 +85,11 @@ def parse_args(argv=None):
                    help="Then the decoder alone (grown, --decoder_layers_per_block), the encoder frozen: sharper "
                         "stripes, the same latent space.")
     p.add_argument("--no_decoder_in_parallel", dest="decoder_in_parallel", action="store_false",
-                   help="Train the decoder phase after the first one, in this process. By default it trains in a second "
-                        "process while the transformer trains (it needs only the first phase's encoder), so on two "
-                        "cores the build takes the first phase plus the transformer. The weights are bitwise the same "
-                        "either way; in parallel, the transformer's progress checks (--eval_every) decode with the "
-                        "first phase's decoder.")
+                   help="Train the decoder phase after the first one, in this process. By default it trains in a "
+                        "second process while the transformer trains (it needs only the first phase's encoder), so "
+                        "on two cores the build takes the first phase plus the transformer. The weights are bitwise "
+                        "the same either way; in parallel, the transformer's progress checks (--eval_every) decode "
+                        "with the first phase's decoder.")
     p.add_argument("--transformer_steps", type=int, default=12000)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--shift", type=float, default=3.0,
@@ -241,7 +241,7 @@ def train_vae_phase(vae: AutoencoderKL, args, phase: str, rng: np.random.Generat
 
 
 def train_encoder(args, scene_images: np.ndarray) -> tuple[AutoencoderKL, np.random.Generator]:
-    """The codec's first phase, from the seed; returns the VAE and the batch generator the decoder phase goes on with."""
+    """The codec's first phase, from the seed: the VAE, and the batch generator the decoder phase goes on with."""
     torch.manual_seed(args.seed * 1000 + 11)
     rng = np.random.default_rng(args.seed * 1000 + 12)
     vae = make_vae(args, args.vae_layers_per_block).to(args.device)
@@ -507,6 +507,13 @@ def require_same_encoder(new: AutoencoderKL, old: AutoencoderKL) -> None:
                          "Nothing was written.")
 
 
+def earlier_build(out: Path) -> dict:
+    """The settings an earlier build recorded in its report; none when there is no report (a build whose decoder
+    process failed stops before writing it, and --vae_only finishes such a build)."""
+    report = out / "build_report.json"
+    return json.loads(report.read_text()).get("build", {}) if report.exists() else {}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -550,24 +557,22 @@ def main(argv=None) -> int:
             shutil.rmtree(work_dir)
         world.write_concept(out / "sks_toy", out / "sks_toy.csv")
         build = {key: getattr(args, key) for key in ("seed", "device", "threads", *VAE_SETTINGS, "decoder_in_parallel",
-                                                      "transformer_steps",
-                                                      "batch_size", "learning_rate", "shift", "ema_decay",
-                                                      "num_layers", "num_attention_heads", "attention_head_dim")}
+                                                      "transformer_steps", "batch_size", "learning_rate", "shift",
+                                                      "ema_decay", "num_layers", "num_attention_heads",
+                                                      "attention_head_dim")}
         build["transformer_steps_trained"] = trained_steps
         build["torch"] = torch.__version__
         build["minutes"] = round((time.time() - started) / 60, 1)
     elif args.vae_only:
         started = time.time()
-        # a build whose decoder process failed has no report yet: the whole build's settings are then unknown
-        report_path = out / "build_report.json"
-        build = json.loads(report_path.read_text()).get("build", {}) if report_path.exists() else {}
+        build = earlier_build(out)
         vae = train_vae(args, np.stack([world.render(s) for s in world.all_scenes()]))
         require_same_encoder(vae, AutoencoderKL.from_pretrained(str(model_dir / "vae")))
         vae.to(torch.float16).save_pretrained(model_dir / "vae", safe_serialization=True)
         build.update({key: getattr(args, key) for key in VAE_SETTINGS})
         build["vae_rebuilt_minutes"] = round((time.time() - started) / 60, 1)
     else:
-        build = json.loads((out / "build_report.json").read_text()).get("build", {})
+        build = earlier_build(out)
 
     report = measure_gates(model_dir, args)
     report["build"] = build

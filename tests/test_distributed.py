@@ -155,9 +155,9 @@ def test_stage2_under_fsdp_equals_one_process_and_resumes_bitwise(extractors, ti
     it trains on 2 processes is the one 1 process accumulating the same global batch trains (the DDP tests'
     tolerance and reasoning), its checkpoints hold accelerate's FSDP model file beside our LoRA files, and resuming
     one in 2 processes ends bitwise where the straight run ends, with validation images rendered by both processes
-    and written by one. (bf16 under FSDP, which failed on an H100, is
-    covered where it broke: test_stage2.py's adapter-switching test and test_validation.py's decode test; a bf16
-    FSDP run on 2 CPU processes was checked by hand, README.)"""
+    and written by one. (bf16 under FSDP, which failed on an H100, is covered where it broke: test_stage2.py's
+    adapter-switching test and test_validation.py's decode test; a bf16 FSDP run on 2 CPU processes was checked by
+    hand, README.)"""
     data = four_image_csv(tmp_path / "data")
 
     def flags(out):

@@ -199,9 +199,10 @@ def test_evidence_script_rejects_an_unknown_variant(tmp_path):
 
 
 def test_decoder_phase_in_a_second_process_gives_the_sequential_vae(tmp_path, monkeypatch):
-    """--decoder_in_parallel hands the first phase's VAE and both generators to a second process through files: what
-    that process trains is bitwise the VAE of the sequential order. The function the process runs is called here in
-    this process (a spawned one would pay ~12 s of imports); the arguments it is spawned with must pickle."""
+    """The parallel build (the default; --no_decoder_in_parallel turns it off) hands the first phase's VAE and both
+    generators to a second process through files: what that process trains is bitwise the VAE of the sequential
+    order. The function the process runs is called here in this process (a spawned one would pay ~12 s of imports);
+    the arguments it is spawned with must pickle."""
     torch.set_num_threads(1)
     args = build_toy_world.parse_args(["--vae_steps", "2", "--decoder_steps", "2", "--vae_batch_size", "2"])
     first_scenes = world.all_scenes()[:4]
@@ -214,8 +215,8 @@ def test_decoder_phase_in_a_second_process_gives_the_sequential_vae(tmp_path, mo
     pickle.dumps((vars(args), str(tmp_path)))
     torch.manual_seed(12345)  # the second process starts from the handed-off generators, not from this state
     build_toy_world.run_decoder_phase(vars(args), str(tmp_path))
-    finished = build_toy_world.finish_decoder_phase(SimpleNamespace(join=lambda: None, exitcode=0), args, tmp_path,
-                                                          scenes)
+    done = SimpleNamespace(join=lambda: None, exitcode=0)  # a joined process that exited cleanly
+    finished = build_toy_world.finish_decoder_phase(done, args, tmp_path, scenes)
     expected, got = sequential.state_dict(), finished.state_dict()
     assert expected.keys() == got.keys() and finished.config.layers_per_block == args.decoder_layers_per_block
     assert all(torch.equal(expected[k], got[k]) for k in expected)

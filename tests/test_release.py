@@ -98,9 +98,9 @@ def test_release_readme_commands_run_verbatim(tiny_sd35_path, tmp_path, fresh_ac
     out = tmp_path / "output"
     train_stage1_sd3.main([f"--pretrained_model_name_or_path={tiny_sd35_path}", f"--data_path={data}",
                            "--csv_name=robot_toy.csv", f"--output_dir={out / 'base_ckpt'}",
-                           "--new_concept_token=<new1>", "--embedding_lr=5e-3", "--learning_rate=1e-4", "--rank=4", "--resolution=64",
-                           "--train_batch_size=4", "--max_train_steps=2", "--mixed_precision=bf16", "--seed=0",
-                           "--report_to=none"])
+                           "--new_concept_token=<new1>", "--embedding_lr=5e-3", "--learning_rate=1e-4", "--rank=4",
+                           "--resolution=64", "--train_batch_size=4", "--max_train_steps=2", "--mixed_precision=bf16",
+                           "--seed=0", "--report_to=none"])
     launch("train_stage2_sd3.py", "--pretrained_model_name_or_path", tiny_sd35_path, "--data_path", data,
            "--csv_name", "robot_toy.csv", "--output_dir", out, "--stage1_output_dir", out / "base_ckpt",
            "--max_train_steps", "2", "--learning_rate", "1e-4", "--rank", "4", "--eta", "2.0", "--mixed_precision",

@@ -11,11 +11,14 @@ their release's structure written out here for comparison: two transformer copie
 three text encoders kept on the device and run on the batch's prompts every step.
 
 For each design it prints and writes (--json): the median step time after --warmup steps; from torch.profiler on one
-step, the aten operators dispatched and (CUDA) the device time of its kernels, whose ratio to the step time says how
-GPU-bound the step is; text-encoder passes per step; the training-phase peak (after prompt encoding) and the process
-peak of memory (CUDA: max_memory_allocated; CPU: peak resident set). With --infer: the time of one image from the
-base model, the stage-2 LoRA unfused, and the LoRA fused (infer.py's default), and how far the fused image is from
-the unfused one.
+step, the aten operators dispatched, (CUDA) the device time of its kernels, whose ratio to the step time says how
+GPU-bound the step is, and where the host's time goes (the step function, within it the VAE latents and the
+transformer passes, backward, clipping, the optimizer step, waits for the device); text-encoder passes per step; the
+training-phase peak (after prompt encoding) and the process peak of memory (CUDA: max_memory_allocated; CPU: peak
+resident set); each step's loss. Without stage1 in --designs, stage 1 runs one eager step to make stage 2's
+extractor and is not measured. --inductor_cudagraphs is an experiment: inductor's CUDA graphs over what --compile
+compiles. With --infer: the time of one image from the base model, the stage-2 LoRA unfused, and the LoRA fused
+(infer.py's default), and how far the fused image is from the unfused one.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from accelerate.state import PartialState
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -59,6 +63,10 @@ def parse_args(argv=None):
     p.add_argument("--infer_steps", type=int, default=28)
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--workdir", default=None, help="Where models and runs go (default: a temporary folder).")
+    p.add_argument("--inductor_cudagraphs", action="store_true",
+                   help="Experiment: inductor's CUDA graphs (what mode='reduce-overhead' turns on) for everything "
+                        "--compile compiles, with a new CUDA-graph step marked before each step. Needs --compile in "
+                        "--extra; on the CPU it changes nothing.")
     return p.parse_args(argv)
 
 
@@ -93,16 +101,64 @@ def peak_gib() -> float:
 
 def profile_step(fn):
     """Run ``fn`` under torch.profiler: (its result, aten operators dispatched, CUDA kernel time in ms, CUDA
-    kernels run)."""
+    kernels run, host milliseconds of the step's labelled parts: see host_breakdown)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         result = fn()
         synchronize()
     events = prof.events()
     aten = sum(1 for e in events if e.name.startswith("aten::"))
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    # device-side events, less the GPU copies of the record_function ranges (label_parts): each spans its kernels
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and not e.name.startswith(PART)]
     device_us = sum(e.self_device_time_total for e in kernels)
-    return result, aten, device_us / 1000.0, len(kernels)
+    return result, aten, device_us / 1000.0, len(kernels), host_breakdown(events)
+
+
+PART = "bench::"  # the record_function ranges label_parts opens
+
+
+def host_breakdown(events) -> dict:
+    """Host milliseconds of each labelled part of one step (wall time of its range on the CPU, whatever the device
+    does meanwhile), plus the time the host spent blocked on the device in .item() and friends
+    (aten::_local_scalar_dense): where a launch-bound step's wall time goes."""
+    parts = {}
+    for event in events:
+        if event.name.startswith(PART):
+            name = event.name[len(PART):]
+            parts[name] = parts.get(name, 0.0) + event.cpu_time_total / 1000.0
+    parts["waits for the device (.item())"] = sum(e.cpu_time_total for e in events
+                                                   if e.name == "aten::_local_scalar_dense") / 1000.0
+    return {name: round(ms, 2) for name, ms in parts.items()}
+
+
+def labelled(label: str, fn):
+    """``fn`` inside a record_function range named PART + label."""
+    def call(*args, **kwargs):
+        with record_function(PART + label):
+            return fn(*args, **kwargs)
+    return call
+
+
+@contextmanager
+def label_parts(script, trainer):
+    """Open a named record_function range around the parts of one training step: within the stage's step
+    function, the latents (VAE encoding) and the transformer passes; then backward, clipping and the optimizer step.
+    Patches the script's and the trainer's callables for the duration only."""
+    accelerator, optimizer = trainer.accelerator, trainer.optimizer
+    targets = [(script, "batch_latents", "latents (VAE)"), (script, "predict", "transformer passes"),
+               (accelerator, "backward", "backward"), (accelerator, "clip_grad_norm_", "clip"),
+               (optimizer, "step", "optimizer step")]
+    saved = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in targets]
+    for owner, name, label in targets:
+        setattr(owner, name, labelled(label, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            if value is None:
+                delattr(owner, name)  # it was the class's method
+            else:
+                setattr(owner, name, value)
 
 
 class StepMeter:
@@ -110,23 +166,30 @@ class StepMeter:
     after the warm-up, counts text-encoder passes during training, and marks the end of prompt encoding (the
     script's load_diffusion_parts) to split the memory peaks."""
 
-    def __init__(self, warmup: int):
+    def __init__(self, warmup: int, mark_cudagraph_steps: bool = False):
         self.warmup, self.times, self.aten, self.device_ms, self.kernels = warmup, [], None, None, None
+        self.host_ms, self.mark_cudagraph_steps, self.losses = None, mark_cudagraph_steps, []
         self.encoder_passes, self.training, self.encoding_peak = 0, False, None
 
     def install(self, script, monkeypatch_list: list):
         real_step, real_load = utils.training.accumulate_batch, script.load_diffusion_parts
         real_clip, real_t5 = utils.prompts.encode_clip, utils.prompts.encode_t5
 
-        def timed_step(*args, **kwargs):
+        def timed_step(trainer, step_fn, *args, **kwargs):
             synchronize()
+            if self.mark_cudagraph_steps:  # CUDA-graph trees: this step may overwrite the last one's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             start = time.perf_counter()
             if len(self.times) == self.warmup and self.aten is None:
-                result, self.aten, self.device_ms, self.kernels = profile_step(lambda: real_step(*args, **kwargs))
+                with label_parts(script, trainer):
+                    step_fn = labelled("step function (noise, forward passes, loss)", step_fn)
+                    result, self.aten, self.device_ms, self.kernels, self.host_ms = profile_step(
+                        lambda: real_step(trainer, step_fn, *args, **kwargs))
             else:
-                result = real_step(*args, **kwargs)
+                result = real_step(trainer, step_fn, *args, **kwargs)
             synchronize()
             self.times.append(time.perf_counter() - start)
+            self.losses.append(round(float(result["loss"]), 5))
             return result
 
         def marked_load(*args, **kwargs):
@@ -159,19 +222,28 @@ class StepMeter:
                 else None,
                 "text_encoder_passes_per_step": self.encoder_passes / max(1, len(self.times)),
                 "training_peak_gib": training_peak,
-                "process_peak_gib": max(training_peak, self.encoding_peak or 0.0), "steps_timed": len(timed)}
+                "process_peak_gib": max(training_peak, self.encoding_peak or 0.0), "steps_timed": len(timed),
+                "host_ms_of_profiled_step": self.host_ms,
+                "losses": self.losses}  # the same seeds give the same losses with and without --compile (to bf16 noise)
 
 
-def run_script(script, argv: list, warmup: int, steps: int) -> dict:
-    meter, patches = StepMeter(warmup), []
-    reset_peak()
-    meter.install(script, patches)
-    # Under `accelerate launch` (DDP, FSDP) the script's end_training would destroy the process group that the next
-    # script run in this process needs; main() destroys it once at the end.
-    patches.append((PartialState, "destroy_process_group", PartialState.destroy_process_group))
+def run_keeping_process_group(script, argv: list) -> None:
+    """``script.main(argv)``. Under `accelerate launch` (DDP, FSDP) the script's end_training would destroy the
+    process group that the next script run in this process needs; main() destroys it once at the end."""
+    real = PartialState.destroy_process_group
     PartialState.destroy_process_group = lambda self, group=None: None
     try:
         script.main(argv)
+    finally:
+        PartialState.destroy_process_group = real
+
+
+def run_script(script, argv: list, warmup: int, steps: int, mark_cudagraph_steps: bool = False) -> dict:
+    meter, patches = StepMeter(warmup, mark_cudagraph_steps), []
+    reset_peak()
+    meter.install(script, patches)
+    try:
+        run_keeping_process_group(script, argv)
     finally:
         for owner, name, value in patches:
             setattr(owner, name, value)
@@ -256,7 +328,7 @@ def authors_design(model: str, resolution: int, warmup: int, steps: int, extract
         start = time.perf_counter()
         if index == warmup:
             passes["n"] = 0
-            _, aten, device_ms, kernels = profile_step(lambda: step(index))
+            _, aten, device_ms, kernels, host_ms = profile_step(lambda: step(index))
             passes_per_step = passes["n"]
         else:
             step(index)
@@ -270,7 +342,7 @@ def authors_design(model: str, resolution: int, warmup: int, steps: int, extract
             "device_ms_per_step": device_ms if torch.cuda.is_available() else None,
             "wall_over_device": median * 1000 / device_ms if torch.cuda.is_available() and device_ms else None,
             "text_encoder_passes_per_step": passes_per_step, "training_peak_gib": peak,
-            "process_peak_gib": max(peak, encoding_peak), "steps_timed": steps}
+            "process_peak_gib": max(peak, encoding_peak), "steps_timed": steps, "host_ms_of_profiled_step": host_ms}
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -324,6 +396,29 @@ def prepare_model(name: str, workdir: Path) -> tuple[Path, int]:
     return Path(name), 512
 
 
+def without_compile(flags: list) -> list:
+    """``flags`` less --compile and --compile_backend NAME."""
+    kept, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--compile_backend":
+            skip = True
+        elif flag != "--compile" and not flag.startswith("--compile_backend="):
+            kept.append(flag)
+    return kept
+
+
+def announce(name: str, result: dict) -> dict:
+    """Print one design's figures as soon as they are measured (a run cut short by a time limit keeps them)."""
+    host = ", ".join(f"{part} {ms:.1f}" for part, ms in (result["host_ms_of_profiled_step"] or {}).items())
+    print(f"[bench] {name}: median step {result['median_step_s']:.3f} s, device {result['device_ms_per_step']} ms, "
+          f"aten ops {result['aten_ops_per_step']}, peaks {result['training_peak_gib']:.2f} / "
+          f"{result['process_peak_gib']:.2f} GiB; losses {result.get('losses')}; host ms of the profiled step: {host}",
+          flush=True)
+    return result
+
+
 def table(results: dict) -> str:
     def cell(value, fmt):
         return "-" if value is None else format(value, fmt)
@@ -339,7 +434,13 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.inductor_cudagraphs and "--compile" not in shlex.split(args.extra):
+        raise SystemExit('error: --inductor_cudagraphs changes what --compile compiles: add --extra="--compile".')
     torch.manual_seed(0)
+    if args.inductor_cudagraphs:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraphs = True
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="purecc-bench-"))
     model, default_resolution = prepare_model(args.model, workdir)
     resolution = args.resolution or default_resolution
@@ -351,20 +452,22 @@ def main(argv=None) -> int:
     designs = args.designs.split(",")
     results = {}
     stage1_out = workdir / "runs" / "base_ckpt" / "robot_toy"
-    if "stage1" in designs or "stage2" in designs or "authors" in designs:
-        results_stage1 = run_script(stage1, common + ["--output_dir", str(stage1_out), "--overwrite_output_dir", *extra],
-                                    args.warmup, args.steps)
-        if "stage1" in designs:
-            results["stage1"] = results_stage1
+    stage1_argv = common + ["--output_dir", str(stage1_out), "--overwrite_output_dir"]
+    if "stage1" in designs:
+        results["stage1"] = announce("stage1", run_script(stage1, stage1_argv + extra, args.warmup, args.steps,
+                                                          args.inductor_cudagraphs))
+    elif "stage2" in designs or "authors" in designs:  # stage 1 only makes their extractor: one eager step, unmeasured
+        run_keeping_process_group(stage1, stage1_argv + without_compile(extra) + ["--max_train_steps", "1"])
     if "stage2" in designs:
-        results["stage2"] = run_script(stage2, common + ["--output_dir", str(workdir / "runs"),
-                                                         "--overwrite_output_dir", *extra], args.warmup, args.steps)
+        results["stage2"] = announce("stage2", run_script(stage2, common + ["--output_dir", str(workdir / "runs"),
+                                                                            "--overwrite_output_dir", *extra],
+                                                          args.warmup, args.steps, args.inductor_cudagraphs))
     if "authors" in designs:
-        results["authors (release)"] = authors_design(str(model), resolution, args.warmup, args.steps, stage1_out,
-                                                      mixed_precision)
+        results["authors (release)"] = announce("authors (release)", authors_design(
+            str(model), resolution, args.warmup, args.steps, stage1_out, mixed_precision))
     report = {"model": args.model, "resolution": resolution, "device": torch.cuda.get_device_name()
               if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-              "extra": args.extra, "torch": torch.__version__,
+              "extra": args.extra, "inductor_cudagraphs": args.inductor_cudagraphs, "torch": torch.__version__,
               "under_fsdp": os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true", "designs": results}
     print(table(results))
     if "stage1" in results and "stage2" in results:

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The GPU figures of the README in one go, on one CUDA GPU, each part bounded so the whole fits one device call:
 #   world  scripts/build_toy_world.py on the GPU (the evidence world; packed to $OUT/toy_world.tgz)
-#   bench  scripts/bench.py on SD3.5 Medium's real configs (random weights, bf16): stage 1, stage 2 and the
-#          authors' design at 512 px; the two stages compiled; both at 1024 px with base / LoRA / fused-LoRA
-#          generation
+#   bench  scripts/bench.py on SD3.5 Medium's real configs (random weights, bf16): each stage compiled at 512 px;
+#          stage 1, stage 2 and the authors' design at 512 px (EAGER_DESIGNS picks); both at 1024 px with base /
+#          LoRA / fused-LoRA generation (SKIP_1024=1 skips)
+#   cudagraphs  each stage compiled at 512 px with inductor's CUDA graphs (bench.py --inductor_cudagraphs), stage 2
+#          first (stage 1 was measured on the H200 on 2026-11-27)
 #   fsdp   stage 2 launched with configs/single_gpu.yaml and with configs/fsdp.yaml (1 process: the wrapper path) on
 #          the tiny SD3.5 model in bf16, a resume of the FSDP run from its step-2 checkpoint, and how far the LoRAs
 #          are apart (fsdp_compare.json)
 #   levers scripts/bench.py on SD3.5 Medium's real configs, both stages, one memory lever at a time
 #          (--gradient_checkpointing, --base_quantization nf4 / int8, --use_8bit_adam, --cache_latents) at 1024 and
 #          512 px, then stage 2 under configs/fsdp.yaml (1 process) and compiled stage 2 with its text encoders on
-#          the CPU
+#          the CPU; PARALLEL=1 runs them all at once (memory peaks only: their step times disturb each other)
 # Logs and JSON go to $OUT/results.tgz (default OUT=./output/gpu_checks).
-#   bash scripts/gpu_checks.sh [world,bench,fsdp,levers]
+#   bash scripts/gpu_checks.sh [world,bench,cudagraphs,fsdp,levers]
 # Try it on a CPU first with tiny settings:
 #   BENCH_MODEL=tiny_sd35 RES1=64 RES2=96 WORLD_FLAGS="--device cpu --vae_steps 5 --transformer_steps 5 \
 #     --eval_samples 4 --eval_every 0" bash scripts/gpu_checks.sh
@@ -40,8 +42,9 @@ run() {  # run NAME CAP CMD...: bounded, logged to $LOGS/NAME.log, progress bars
   local start=$SECONDS
   timeout "$cap" "$@" 2>&1 | grep --line-buffered -v "it/s\]\|s/it\]" > "$LOGS/$name.log"
   echo "[gpu_checks] $name: rc ${PIPESTATUS[0]}, $((SECONDS - start)) s (cap $cap s)"
-  grep -E "^\||stage 2 / stage 1|_s\"|_diff\"|over_base|gates|built|time budget|error|Error" "$LOGS/$name.log" | tail -n 30
-  pack
+  grep -E "^\||^\[bench\]|stage 2 / stage 1|_s\"|_diff\"|over_base|gates|built|time budget|error|Error" \
+    "$LOGS/$name.log" | tail -n 30
+  [ -n "${IN_BACKGROUND:-}" ] || pack  # parallel runs pack once, together
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$LOGS/gpu.txt"
 
@@ -50,15 +53,42 @@ if has world; then
   tar -czf "$OUT/toy_world.tgz" -C "$WORK" toy_world && ls -l "$OUT/toy_world.tgz"
 fi
 
+model=$WORK/b/$BENCH_MODEL
+ensure_model() {  # the benchmark model, built once (sd35m: on the GPU in bf16, ~50 s) and shared by every part
+  [ -f "$model/model_index.json" ] && return
+  case $BENCH_MODEL in
+    sd35m) $PY -c "import sys, torch; from utils.tiny_sd3 import build_sd35m
+build_sd35m(sys.argv[1], device='cuda', dtype=torch.bfloat16)" "$model" ;;
+    *) $PY -m utils.tiny_sd3 "$model" --variant sd35 ;;
+  esac
+}
+R1=${RES1:-512}; R2=${RES2:-1024}
+
+# Compiled runs measure one stage each (bench.py makes stage 2's extractor with one eager step): on the H200 a cold
+# inductor cache took ~80 s before stage 1's first compiled step, and 170 s was too little for both stages.
+compiled() {  # compiled NAME STAGE CAP [bench.py flags]: one stage, compiled, at RES1
+  local name=$1 stage=$2 cap=$3; shift 3
+  run "$name" "$cap" $PY scripts/bench.py --model "$model" --resolution "$R1" --designs "$stage" \
+    --extra="--mixed_precision bf16 --compile" --json "$LOGS/$name.json" --workdir "$WORK/$name" "$@"
+}
+
 if has bench; then
-  run bench_512 170 $PY scripts/bench.py --model "$BENCH_MODEL" --resolution "${RES1:-512}" \
-    --extra="--mixed_precision bf16" --json "$LOGS/bench_512.json" --workdir "$WORK/b"
-  model=$WORK/b/$BENCH_MODEL
-  run bench_512_compile 140 $PY scripts/bench.py --model "$model" --resolution "${RES1:-512}" \
-    --designs stage1,stage2 --extra="--mixed_precision bf16 --compile" --json "$LOGS/bench_512_compile.json" \
-    --workdir "$WORK/bc"
-  run bench_1024 90 $PY scripts/bench.py --model "$model" --resolution "${RES2:-1024}" --designs stage1,stage2 \
-    --extra="--mixed_precision bf16" --infer --json "$LOGS/bench_1024.json" --workdir "$WORK/b1024"
+  ensure_model
+  compiled bench_512_compile_stage1 stage1 200
+  compiled bench_512_compile_stage2 stage2 300
+  run bench_512 170 $PY scripts/bench.py --model "$model" --resolution "$R1" \
+    --designs "${EAGER_DESIGNS:-stage1,stage2,authors}" --extra="--mixed_precision bf16" \
+    --json "$LOGS/bench_512.json" --workdir "$WORK/be"
+  if [ -z "${SKIP_1024:-}" ]; then
+    run bench_1024 90 $PY scripts/bench.py --model "$model" --resolution "$R2" --designs stage1,stage2 \
+      --extra="--mixed_precision bf16" --infer --json "$LOGS/bench_1024.json" --workdir "$WORK/b1024"
+  fi
+fi
+
+if has cudagraphs; then  # experiment: inductor's CUDA graphs over the compiled regions (bench.py --inductor_cudagraphs)
+  ensure_model
+  compiled bench_512_cudagraphs_stage2 stage2 300 --inductor_cudagraphs
+  compiled bench_512_cudagraphs_stage1 stage1 200 --inductor_cudagraphs
 fi
 
 LAUNCH=($PY -m accelerate.commands.launch)
@@ -112,36 +142,41 @@ PYEOF
 fi
 
 if has levers; then
-  lever() {  # lever NAME CAP RESOLUTION FLAGS: both stages at one resolution with one lever
-    run "lever_$1" "$2" $PY scripts/bench.py --model "$model" --resolution "$3" --designs stage1,stage2 --warmup 1 \
-      --steps 3 --extra="--mixed_precision $MP $4" --json "$LOGS/lever_$1.json" --workdir "$WORK/l_$1"
-  }
-  model=$WORK/b/$BENCH_MODEL
-  if [ ! -f "$model/model_index.json" ]; then
-    case $BENCH_MODEL in
-      sd35m) $PY -c "import sys, torch; from utils.tiny_sd3 import build_sd35m
-build_sd35m(sys.argv[1], device='cuda', dtype=torch.bfloat16)" "$model" ;;
-      *) $PY -m utils.tiny_sd3 "$model" --variant sd35 ;;
-    esac
-  fi
-  R2=${RES2:-1024}; R1=${RES1:-512}
   # LEVERS: which runs, in this order: NAME:RESOLUTION:FLAGS with + for spaces; fsdp runs both stages under
-  # configs/fsdp.yaml; NO_BNB=1 skips the bitsandbytes levers (CPU)
-  # (default: what the H100 run of 2026-11-27 left unmeasured first; checkpointing:1024 and nf4:512 are in docs/bench)
-  LEVERS=${LEVERS:-"nf4:$R2:--base_quantization+nf4 fsdp:$R1: checkpointing:$R1:--gradient_checkpointing
-int8:$R2:--base_quantization+int8 8bit_adam:$R2:--use_8bit_adam cache_latents:$R2:--cache_latents
-compile_te_cpu:$R1:--compile+--text_encoder_device+cpu"}
+  # configs/fsdp.yaml; NO_BNB=1 skips the bitsandbytes levers (CPU). PARALLEL=1 runs them all at once (a big GPU's
+  # memory holds them): their memory peaks are each process's own, as alone, but their step times are not.
+  # (default: what is still unmeasured; the H100 (2026-11-27) measured checkpointing at 1024 and nf4 at 512 px, the
+  # H200 (same night, in parallel) nf4 / int8 / cache_latents at 1024, checkpointing / 8-bit Adam / FSDP at 512 and
+  # stage 1 of compile_te_cpu: docs/bench)
+  LEVERS=${LEVERS:-"compile_te_cpu:$R1:--compile+--text_encoder_device+cpu int8:$R1:--base_quantization+int8
+cache_latents:$R1:--cache_latents 8bit_adam:$R2:--use_8bit_adam"}
+  ensure_model
+  pids=()
   for entry in $LEVERS; do
     IFS=: read -r name res flags <<< "$entry"; flags=${flags//+/ }
     if [[ "$flags" == *"quantization"* || "$flags" == *"8bit"* ]] && [ -n "${NO_BNB:-}" ]; then continue; fi
+    bench=(scripts/bench.py --model "$model" --resolution "$res" --designs stage1,stage2 --warmup 1 --steps 3
+           --extra="--mixed_precision $MP $flags" --json "$LOGS/lever_${res}_$name.json"
+           --workdir "$WORK/l_${res}_$name")
     if [ "$name" = fsdp ]; then
-      run "lever_${res}_fsdp" 150 "${LAUNCH[@]}" --config_file configs/fsdp.yaml --num_processes 1 --mixed_precision \
-        "$MP" ${FSDP_SHIM:-} scripts/bench.py --model "$model" --resolution "$res" --designs stage1,stage2 --warmup 1 \
-        --steps 3 --extra="--mixed_precision $MP" --json "$LOGS/lever_${res}_fsdp.json" --workdir "$WORK/l_fsdp"
+      cmd=("${LAUNCH[@]}" --config_file configs/fsdp.yaml --num_processes 1 --mixed_precision "$MP" ${FSDP_SHIM:-}
+           "${bench[@]}")
     else
-      lever "${res}_$name" 120 "$res" "$flags"  # the H100's first two steps took ~6 s each
+      cmd=($PY "${bench[@]}")
+    fi
+    if [ -n "${PARALLEL:-}" ]; then
+      IN_BACKGROUND=1 run "lever_${res}_$name" "${LEVER_CAP:-180}" "${cmd[@]}" > "$LOGS/lever_${res}_$name.summary" &
+      pids+=($!)
+      sleep 2  # the processes start a few seconds apart (distinct ports, staggered loading)
+    else
+      run "lever_${res}_$name" "${LEVER_CAP:-120}" "${cmd[@]}"  # the H100's first two steps took ~6 s each
     fi
   done
+  if [ ${#pids[@]} -gt 0 ]; then
+    wait "${pids[@]}"
+    cat "$LOGS"/lever_*.summary
+    pack
+  fi
 fi
 
 echo "[gpu_checks] done in $SECONDS s"

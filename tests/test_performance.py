@@ -76,7 +76,7 @@ def test_quantised_base_needs_a_gpu(tiny_sd35_path, tmp_path):
         stage1(tiny_sd35_path, tmp_path / "out", "--base_quantization", "nf4")
 
 
-def test_bench_reports_every_design(tmp_path, capsys):
+def load_bench():
     import importlib.util
 
     from helpers import REPO_ROOT
@@ -84,6 +84,11 @@ def test_bench_reports_every_design(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_reports_every_design(tmp_path, capsys):
+    bench = load_bench()
     out = tmp_path / "bench.json"
     assert bench.main(["--model", "tiny_sd35", "--warmup", "1", "--steps", "2", "--json", str(out), "--workdir",
                        str(tmp_path / "work")]) == 0
@@ -96,8 +101,32 @@ def test_bench_reports_every_design(tmp_path, capsys):
     # prompts are encoded once in both stages; the release runs the 3 encoders on 3 prompt sets every step
     assert designs["stage1"]["text_encoder_passes_per_step"] == designs["stage2"]["text_encoder_passes_per_step"] == 0
     assert designs["authors (release)"]["text_encoder_passes_per_step"] == 9
+    # where the host's time goes: each labelled part of the profiled step, the transformer passes inside the step
+    # function; and each step's loss (the same seeds give the same losses with and without --compile)
+    for name in ("stage1", "stage2"):
+        host = designs[name]["host_ms_of_profiled_step"]
+        assert set(host) == {"step function (noise, forward passes, loss)", "latents (VAE)", "transformer passes",
+                             "backward", "clip", "optimizer step", "waits for the device (.item())"}
+        inside = host["latents (VAE)"] + host["transformer passes"]
+        assert 0 < inside < host["step function (noise, forward passes, loss)"]
+        assert host["backward"] > 0 and host["optimizer step"] > 0
+        losses = designs[name]["losses"]
+        assert len(losses) == 3 and all(0 < loss < 100 for loss in losses)
     table = capsys.readouterr().out
     assert "| stage2 |" in table and "stage 2 / stage 1 step time" in table
+    assert "[bench] stage2: median step" in table and "transformer passes" in table
+
+
+def test_bench_makes_an_unmeasured_extractor_without_compiling():
+    assert load_bench().without_compile(["--mixed_precision", "bf16", "--compile", "--compile_backend", "aot_eager",
+                                         "--compile_backend=inductor", "--rank", "8"]) == [
+        "--mixed_precision", "bf16", "--rank", "8"]
+
+
+def test_bench_cudagraphs_experiment_needs_compile():
+    expected = '--inductor_cudagraphs changes what --compile compiles: add --extra="--compile"'
+    with pytest.raises(SystemExit, match=expected):
+        load_bench().main(["--model", "tiny_sd35", "--inductor_cudagraphs"])
 
 
 def test_stage2_never_casts_a_quantised_base(tiny_sd35_path, extractors, tmp_path, monkeypatch):

@@ -1,13 +1,14 @@
 """Pretrain the toy world's text-to-image model from a seed and write it as a StableDiffusion3Pipeline folder.
 
-    OMP_NUM_THREADS=1 python scripts/build_toy_world.py                  # CPU: 90 minutes on two cores
+    OMP_NUM_THREADS=1 python scripts/build_toy_world.py                  # CPU: 84-90 minutes on two cores
     python scripts/build_toy_world.py --device cuda                      # GPU: minutes
     python scripts/build_toy_world.py --evaluate_only                    # re-measure the committed world
     OMP_NUM_THREADS=1 python scripts/build_toy_world.py --vae_only       # retrain the VAE only: ~40 minutes
 
-The first command, run once on this project's 2-core CPU, wrote bitwise the committed world (every weight file and
-config, and the same gate report) in 90.0 minutes: the VAE's first phase 16.5 min, then the transformer (12,000
-steps, 72 min) with the VAE's decoder phase (23 min) beside it in a second process, then the gates (1.3 min).
+The first command, run twice on this project's 2-core CPU, wrote bitwise the committed world (every weight file
+and config, and the same gate report) in 83.9 minutes (90.0 when the box was shared): the VAE's first phase 16.4
+min, then the transformer (12,000 steps, 66 min) with the VAE's decoder phase (22 min) beside it in a second
+process, then the gates (1.1 min).
 Each process uses one thread. ``--time_budget_s`` cuts the transformer's steps to fit a slower machine (the world
 then differs from the committed one); ``--no_decoder_in_parallel`` runs the phases one after the other (the same
 phase times add up to ~113 minutes; not run end to end).

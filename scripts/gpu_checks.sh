@@ -9,10 +9,11 @@
 #   fsdp   stage 2 launched with configs/single_gpu.yaml and with configs/fsdp.yaml (1 process: the wrapper path) on
 #          the tiny SD3.5 model in bf16, a resume of the FSDP run from its step-2 checkpoint, and how far the LoRAs
 #          are apart (fsdp_compare.json)
-#   levers scripts/bench.py on SD3.5 Medium's real configs, both stages, one memory lever at a time
-#          (--gradient_checkpointing, --base_quantization nf4 / int8, --use_8bit_adam, --cache_latents) at 1024 and
-#          512 px, then stage 2 under configs/fsdp.yaml (1 process) and compiled stage 2 with its text encoders on
-#          the CPU; PARALLEL=1 runs them all at once (memory peaks only: their step times disturb each other)
+#   levers scripts/bench.py on SD3.5 Medium's real configs, both stages, one memory lever at a time (LEVERS picks
+#          among --gradient_checkpointing, --base_quantization nf4 / int8, --use_8bit_adam, --cache_latents,
+#          configs/fsdp.yaml with 1 process, --compile --text_encoder_device cpu, at 512 or 1024 px; the default
+#          is what no GPU has measured yet); PARALLEL=1 runs them all at once (memory peaks only: their step times
+#          disturb each other)
 # Logs and JSON go to $OUT/results.tgz (default OUT=./output/gpu_checks).
 #   bash scripts/gpu_checks.sh [world,bench,cudagraphs,fsdp,levers]
 # Try it on a CPU first with tiny settings:
@@ -167,7 +168,7 @@ cache_latents:$R1:--cache_latents 8bit_adam:$R2:--use_8bit_adam"}
     if [ -n "${PARALLEL:-}" ]; then
       IN_BACKGROUND=1 run "lever_${res}_$name" "${LEVER_CAP:-180}" "${cmd[@]}" > "$LOGS/lever_${res}_$name.summary" &
       pids+=($!)
-      sleep 2  # the processes start a few seconds apart (distinct ports, staggered loading)
+      sleep 2  # staggered starts: the processes do not all read the 15 GB model at the same moment
     else
       run "lever_${res}_$name" "${LEVER_CAP:-120}" "${cmd[@]}"  # the H100's first two steps took ~6 s each
     fi

@@ -108,10 +108,15 @@ def profile_step(fn):
         synchronize()
     events = prof.events()
     aten = sum(1 for e in events if e.name.startswith("aten::"))
-    # device-side events, less the GPU copies of the record_function ranges (label_parts): each spans its kernels
-    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and not e.name.startswith(PART)]
+    kernels = device_kernels(events)
     device_us = sum(e.self_device_time_total for e in kernels)
     return result, aten, device_us / 1000.0, len(kernels), host_breakdown(events)
+
+
+def device_kernels(events) -> list:
+    """The device-side events, less the GPU copies of label_parts' record_function ranges: each of those spans
+    the kernels inside it, so counting it too would count their time twice (as the H200 run of 2026-11-27 did)."""
+    return [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA") and not e.name.startswith(PART)]
 
 
 PART = "bench::"  # the record_function ranges label_parts opens

@@ -117,6 +117,15 @@ def test_bench_reports_every_design(tmp_path, capsys):
     assert "[bench] stage2: median step" in table and "transformer passes" in table
 
 
+def test_bench_device_time_counts_kernels_not_the_labelled_ranges():
+    bench = load_bench()
+    events = [SimpleNamespace(name="bench::backward", device_type="DeviceType.CUDA", self_device_time_total=900),
+              SimpleNamespace(name="ampere_bf16_gemm", device_type="DeviceType.CUDA", self_device_time_total=600),
+              SimpleNamespace(name="triton_poi_fused_add_0", device_type="DeviceType.CUDA", self_device_time_total=300),
+              SimpleNamespace(name="aten::mm", device_type="DeviceType.CPU", self_device_time_total=600)]
+    assert [e.name for e in bench.device_kernels(events)] == ["ampere_bf16_gemm", "triton_poi_fused_add_0"]
+
+
 def test_bench_makes_an_unmeasured_extractor_without_compiling():
     assert load_bench().without_compile(["--mixed_precision", "bf16", "--compile", "--compile_backend", "aot_eager",
                                          "--compile_backend=inductor", "--rank", "8"]) == [

@@ -439,7 +439,8 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.inductor_cudagraphs and "--compile" not in shlex.split(args.extra):
+    extra = shlex.split(args.extra)
+    if args.inductor_cudagraphs and "--compile" not in extra:
         raise SystemExit('error: --inductor_cudagraphs changes what --compile compiles: add --extra="--compile".')
     torch.manual_seed(0)
     if args.inductor_cudagraphs:
@@ -449,7 +450,6 @@ def main(argv=None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="purecc-bench-"))
     model, default_resolution = prepare_model(args.model, workdir)
     resolution = args.resolution or default_resolution
-    extra = shlex.split(args.extra)
     mixed_precision = extra[extra.index("--mixed_precision") + 1] if "--mixed_precision" in extra else "no"
     common = ["--pretrained_model_name_or_path", str(model), "--data_path", str(REPO_ROOT / "data"), "--csv_name",
               "robot_toy.csv", "--resolution", str(resolution), "--max_train_steps", str(args.warmup + args.steps),

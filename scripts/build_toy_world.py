@@ -8,10 +8,9 @@
 The first command, run twice on this project's 2-core CPU, wrote bitwise the committed world (every weight file
 and config, and the same gate report) in 83.9 minutes (90.0 when the box was shared): the VAE's first phase 16.4
 min, then the transformer (12,000 steps, 66 min) with the VAE's decoder phase (22 min) beside it in a second
-process, then the gates (1.1 min).
-Each process uses one thread. ``--time_budget_s`` cuts the transformer's steps to fit a slower machine (the world
-then differs from the committed one); ``--no_decoder_in_parallel`` runs the phases one after the other (the same
-phase times add up to ~113 minutes; not run end to end).
+process, then the gates (1.1 min). Each process uses one thread. ``--time_budget_s`` cuts the transformer's steps
+to fit a slower machine (the world then differs from the committed one); ``--no_decoder_in_parallel`` runs the
+phases one after the other (the same phase times add up to ~113 minutes; not run end to end).
 
 What it builds (docs/evidence.md): the world of ``utils/toy_world.py`` (32x32 images, captions naming background,
 object colour, shape and position), seen through

@@ -76,6 +76,43 @@ def test_quantised_base_needs_a_gpu(tiny_sd35_path, tmp_path):
         stage1(tiny_sd35_path, tmp_path / "out", "--base_quantization", "nf4")
 
 
+def load_script(name: str):
+    import importlib.util
+
+    from helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_int8_layers_keep_no_input_and_give_the_same_gradients():
+    """bitsandbytes' int8 autograd keeps every int8 layer's input until backward (a frozen bf16 layer keeps none);
+    through int8_layers_keep_no_input the int8 model keeps what the bf16 one keeps, with bitwise the same prediction
+    and LoRA gradients (tiny SD3.5, every linear layer of its two blocks int8, CPU)."""
+    result = load_script("int8_memory").measure("tiny_sd35")
+    bf16, bnb_autograd, keeping_no_input = (run["kept_per_block"] for run in result["runs"].values())
+    assert all(kept > 0 for kept in bnb_autograd) and all(a > b for a, b in zip(bnb_autograd, bf16))
+    assert keeping_no_input == bf16
+    assert result["int8_layers"] == 29  # tiny SD3.5's blocks: 18 linear layers in the dual block, 11 in the last
+    assert result["same_lora_grads"] and len(result["runs"]["bf16"]["grads"]) > 0
+    assert result["max_grad_diff"] == 0 and result["max_prediction_diff"] == 0
+
+
+def test_int8_layers_with_a_trainable_part_keep_bitsandbytes_autograd():
+    import bitsandbytes as bnb
+
+    from utils.training import int8_layers_keep_no_input
+
+    frozen, trains_bias = (bnb.nn.Linear8bitLt(8, 4, has_fp16_weights=False).to("cpu") for _ in range(2))
+    frozen.requires_grad_(False)
+    trains_bias.weight.requires_grad_(False)
+    model = torch.nn.Sequential(frozen, trains_bias)
+    assert int8_layers_keep_no_input(model) == 1
+    assert "forward" in vars(frozen) and "forward" not in vars(trains_bias)
+
+
 def load_bench():
     import importlib.util
 

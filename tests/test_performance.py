@@ -46,6 +46,42 @@ def test_compile_gives_the_same_losses_and_a_bounded_number_of_graphs(tiny_sd35_
     assert graphs_per_step[1:] == [graphs_per_step[0]] * 3  # and nothing recompiled after the first step
 
 
+def test_lora_inputs_keep_peft_casts_where_autocast_does_not_cast():
+    """Without autocast (validation, inference) peft's cast still runs: a bf16 input cannot meet fp32 LoRA weights in
+    a matmul; a layer with LoRA dropout keeps it too (dropout computes on the cast input)."""
+    from diffusers import SD3Transformer2DModel
+
+    from utils.lora import add_lora, inputs_left_to_autocast, make_lora_config, tuner_layers
+
+    memory = load_script("backward_memory")
+    config = memory.transformer_config("tiny_sd35", None)
+    model = memory.with_lora(SD3Transformer2DModel(**config).to(torch.bfloat16).requires_grad_(False), seed=0)
+    assert inputs_left_to_autocast(tuner_layers(model)) == 15
+    batch = memory.make_batch(config, resolution=64, text_tokens=154, seed=0)
+    with torch.no_grad():
+        assert model(**{k: v for k, v in batch.items() if k != "target"}, return_dict=False)[0].dtype == torch.bfloat16
+    with_dropout = SD3Transformer2DModel(**config)
+    add_lora(with_dropout, make_lora_config(4, ["attn.to_q"], dropout=0.1), "default")
+    assert inputs_left_to_autocast(tuner_layers(with_dropout)) == 0
+
+
+def test_stage2_bf16_losses_are_bitwise_the_same_without_the_lora_input_casts(tiny_sd35_path, extractors, tmp_path,
+                                                                             monkeypatch, fresh_accelerator_state):
+    import train_stage2_v2_sd3
+
+    from accelerate.state import AcceleratorState
+
+    flags = ["--stage1_output_dir", extractors[0], "--mixed_precision", "bf16"]
+    without_casts = stage2(tiny_sd35_path, tmp_path / "without", *flags, steps=3)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(train_stage2_v2_sd3, "inputs_left_to_autocast", lambda layers: 0)  # peft's casts kept
+    with_casts = stage2(tiny_sd35_path, tmp_path / "with", *flags, steps=3)
+    assert len(with_casts.history) == 3
+    for a, b in zip(with_casts.history, without_casts.history):
+        for key in ("loss", "diff_loss", "pri_loss", "lambda"):
+            assert a[key] == b[key], key
+
+
 def test_text_encoders_visit_the_device_one_at_a_time(tiny_sd35_path, tmp_path, monkeypatch):
     import utils.prompts
 
@@ -87,17 +123,21 @@ def load_script(name: str):
     return module
 
 
-def test_int8_layers_keep_no_input_and_give_the_same_gradients():
-    """bitsandbytes' int8 autograd keeps every int8 layer's input until backward (a frozen bf16 layer keeps none);
-    through int8_layers_keep_no_input the int8 model keeps what the bf16 one keeps, with bitwise the same prediction
-    and LoRA gradients (tiny SD3.5, every linear layer of its two blocks int8, CPU)."""
-    result = load_script("int8_memory").measure("tiny_sd35")
-    bf16, bnb_autograd, keeping_no_input = (run["kept_per_block"] for run in result["runs"].values())
-    assert all(kept > 0 for kept in bnb_autograd) and all(a > b for a, b in zip(bnb_autograd, bf16))
-    assert keeping_no_input == bf16
-    assert result["int8_layers"] == 29  # tiny SD3.5's blocks: 18 linear layers in the dual block, 11 in the last
-    assert result["same_lora_grads"] and len(result["runs"]["bf16"]["grads"]) > 0
-    assert result["max_grad_diff"] == 0 and result["max_prediction_diff"] == 0
+def test_backward_memory_levers_keep_less_and_change_no_number():
+    """scripts/backward_memory.py on the tiny SD3.5 model (CPU, bf16 autocast): leaving LoRA inputs to autocast and
+    routing int8 layers through int8_layers_keep_no_input each leave fewer bytes for backward in every block, with
+    bitwise the same prediction and LoRA gradients; int8 then keeps exactly what bf16 keeps (bitsandbytes' own
+    autograd keeps every int8 layer's input; a frozen bf16 layer keeps none)."""
+    result = load_script("backward_memory").measure("tiny_sd35")
+    peft_casts, bf16, int8_bnb, int8 = (run["kept"] for run in result["runs"].values())
+    for block in (0, 1):
+        assert peft_casts[block] > bf16[block] > 0 and int8_bnb[block] > int8[block]
+    assert int8 == bf16
+    assert result["lora_layers_left_to_autocast"] == 15  # 8 LoRA layers in the dual block, 7 in the last
+    assert result["int8_layers"] == 29  # every linear layer of the blocks: 18 in the dual block, 11 in the last
+    for lever in ("lora_input_lever", "int8_lever"):
+        assert result[lever] == dict(same_grad_names=True, max_grad_diff=0.0, max_prediction_diff=0.0), lever
+    assert len(result["runs"]["bf16 (training)"]["grads"]) == 30
 
 
 def test_int8_layers_with_a_trainable_part_keep_bitsandbytes_autograd():
@@ -114,14 +154,7 @@ def test_int8_layers_with_a_trainable_part_keep_bitsandbytes_autograd():
 
 
 def load_bench():
-    import importlib.util
-
-    from helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location("bench", REPO_ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("bench")
 
 
 def test_bench_reports_every_design(tmp_path, capsys):

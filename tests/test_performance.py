@@ -1,4 +1,5 @@
-"""Speed and memory features keep the maths: --compile gives the same losses without recompiling every step, the
+"""Speed and memory features keep the maths: --compile gives the same losses without recompiling every step, LoRA
+inputs left to autocast and int8 layers that keep no input leave less for backward with bitwise the same numbers, the
 text encoders visit the device one at a time, the optimizer is fused; scripts/bench.py runs and reports (its
 figures are printed, not asserted: speed is measured by benchmarks, not by tests)."""
 
@@ -12,6 +13,21 @@ import torch
 from helpers import stage1, stage2
 
 from utils.checks import BadInput
+
+
+def load_script(name: str):
+    import importlib.util
+
+    from helpers import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_bench():
+    return load_script("bench")
 
 
 def test_compile_gives_the_same_losses_and_a_bounded_number_of_graphs(tiny_sd35_path, extractors, tmp_path):
@@ -67,6 +83,8 @@ def test_lora_inputs_keep_peft_casts_where_autocast_does_not_cast():
 
 def test_stage2_bf16_losses_are_bitwise_the_same_without_the_lora_input_casts(tiny_sd35_path, extractors, tmp_path,
                                                                              monkeypatch, fresh_accelerator_state):
+    """The training scripts leave LoRA inputs to autocast: a bf16 stage-2 run gives the losses and lambdas of a run
+    with peft's casts, to the last bit."""
     import train_stage2_v2_sd3
 
     from accelerate.state import AcceleratorState
@@ -112,17 +130,6 @@ def test_quantised_base_needs_a_gpu(tiny_sd35_path, tmp_path):
         stage1(tiny_sd35_path, tmp_path / "out", "--base_quantization", "nf4")
 
 
-def load_script(name: str):
-    import importlib.util
-
-    from helpers import REPO_ROOT
-
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_backward_memory_levers_keep_less_and_change_no_number():
     """scripts/backward_memory.py on the tiny SD3.5 model (CPU, bf16 autocast): leaving LoRA inputs to autocast and
     routing int8 layers through int8_layers_keep_no_input each leave fewer bytes for backward in every block, with
@@ -151,10 +158,6 @@ def test_int8_layers_with_a_trainable_part_keep_bitsandbytes_autograd():
     model = torch.nn.Sequential(frozen, trains_bias)
     assert int8_layers_keep_no_input(model) == 1
     assert "forward" in vars(frozen) and "forward" not in vars(trains_bias)
-
-
-def load_bench():
-    return load_script("bench")
 
 
 def test_bench_reports_every_design(tmp_path, capsys):

@@ -125,10 +125,11 @@ class _FrozenInt8Linear(torch.autograd.Function):
     """A frozen bitsandbytes int8 linear layer whose backward keeps nothing of its input.
 
     bitsandbytes' own autograd (0.50: MatMul8bitLt on CUDA, MatMul8bitFp on the CPU) keeps every int8 layer's input
-    alive until backward, though with the weight frozen the input's gradient needs only the weight. A frozen bf16
-    linear layer keeps no input, so --base_quantization int8 held more memory than no quantisation at all (H200,
-    1024 px: +2.1 GiB stage 1, +6.8 GiB stage 2). The forward pass is bitsandbytes' own, run without autograd; the
-    backward pass is the input-gradient formula of bitsandbytes' backward: grad @ (CB * SCB / 127)."""
+    alive until backward, though with the weight frozen the input's gradient needs only the weight; a frozen bf16
+    linear layer keeps no input (scripts/backward_memory.py measures both). That is one cause of --base_quantization
+    int8 holding more memory than no quantisation on an H200 (1024 px: +2.1 GiB stage 1, +6.8 GiB stage 2). The
+    forward pass is bitsandbytes' own, run without autograd; the backward pass is the input-gradient formula of
+    bitsandbytes' backward: grad @ (CB * SCB / 127)."""
 
     @staticmethod
     def forward(ctx, x, layer, int8_forward):

@@ -1,17 +1,19 @@
-"""The memory a training forward pass leaves for backward, measured on the CPU, for the LoRA-input and int8 levers.
+"""The memory a training forward pass leaves for backward, measured on the CPU, for the levers that shrink it.
 
     python scripts/backward_memory.py                                                      # tiny SD3.5, seconds
     OMP_NUM_THREADS=1 python scripts/backward_memory.py --model sd35m --num_layers 3 --resolution 512  # real width
 
 One bf16-autocast training forward pass of the transformer (the default LoRA targets, rank 4, LoRA weights in fp32
 as training keeps them); then the bytes of every tensor made during that pass and still alive (what backward will
-read; views counted once), per transformer block, and the LoRA gradients of the backward pass. Four runs on the same
-weights and batch:
-- bf16, peft's input casts: peft casts each LoRA layer's input to fp32, autocast casts it back for the matmul;
-- bf16 (training): the LoRA inputs left to autocast (``utils.lora.inputs_left_to_autocast``);
-- int8, bitsandbytes' autograd: every linear layer of the blocks a bitsandbytes ``Linear8bitLt`` as
-  ``--base_quantization int8`` loads it (threshold 6.0, the BitsAndBytesConfig default), LoRA inputs left to autocast;
-- int8 (training): the same layers through ``utils.training.int8_layers_keep_no_input``.
+read; views counted once), per transformer block, and the LoRA gradients of the backward pass. Five runs on the same
+weights and batch, each adding one lever to the run before it:
+- bf16, as peft and diffusers compute it: peft casts each LoRA layer's input to fp32 and autocast casts it back;
+  diffusers' RMSNorm keeps an fp32 copy of its input;
+- + LoRA inputs left to autocast (``utils.lora.inputs_left_to_autocast``);
+- + RMSNorm keeping only its input (``utils.lean_backward.rms_norms_keep_only_input``): what bf16 training runs;
+- int8, bitsandbytes' autograd: the same, with every linear layer of the blocks a bitsandbytes ``Linear8bitLt`` as
+  ``--base_quantization int8`` loads it (threshold 6.0, the BitsAndBytesConfig default);
+- + int8 layers keeping no input (``utils.lean_backward.int8_layers_keep_no_input``): what int8 training runs.
 
 The int8 layers run bitsandbytes' ``MatMul8bitLt``, the function CUDA trains with (on the CPU bitsandbytes trains
 with ``MatMul8bitFp``, which keeps the input the same way). ``--model sd35m --num_layers 3`` is SD3.5 Medium's real
@@ -41,7 +43,8 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from utils.lora import (DEFAULT_TRANSFORMER_TARGETS, add_trainable_lora, inputs_left_to_autocast,  # noqa: E402
                         make_lora_config, tuner_layers)
 from utils.tiny_sd3 import SD35M, _variant_config  # noqa: E402
-from utils.training import int8_layers_keep_no_input, trainable_to_fp32  # noqa: E402
+from utils.lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input  # noqa: E402
+from utils.training import trainable_to_fp32  # noqa: E402
 
 MIB = 1024 ** 2
 INT8_THRESHOLD = 6.0  # diffusers' BitsAndBytesConfig default (llm_int8_threshold)
@@ -179,14 +182,25 @@ def forward_backward(transformer, batch: dict) -> dict:
 
 
 def compare(a: dict, b: dict) -> dict:
-    return dict(same_grad_names=a["grads"].keys() == b["grads"].keys(),
-                max_grad_diff=max((a["grads"][n] - g).abs().max().item() for n, g in b["grads"].items()),
+    """How far run b's prediction and LoRA gradients are from run a's (the largest gradient difference also relative
+    to the largest gradient)."""
+    grad_diff = max((a["grads"][n] - g).abs().max().item() for n, g in b["grads"].items())
+    largest = max(g.abs().max().item() for g in a["grads"].values())
+    return dict(same_grad_names=a["grads"].keys() == b["grads"].keys(), max_grad_diff=grad_diff,
+                max_grad_diff_relative=grad_diff / largest,
                 max_prediction_diff=(a["prediction"] - b["prediction"]).abs().max().item())
+
+
+RUNS = ("bf16, as peft and diffusers compute it", "+ LoRA inputs left to autocast",
+        "+ RMSNorm keeping only its input (bf16 training)", "int8 (with both levers above), bitsandbytes' autograd",
+        "+ int8 layers keeping no input (int8 training)")
+LEVERS = {"lora_input_lever": (RUNS[0], RUNS[1]), "rms_norm_lever": (RUNS[1], RUNS[2]),
+          "int8_lever": (RUNS[3], RUNS[4])}
 
 
 def measure(model: str = "tiny_sd35", num_layers: int | None = None, resolution: int | None = None,
             text_tokens: int = 154, seed: int = 0) -> dict:
-    """The four runs, and how each lever's run compares with the run without it (gradients, prediction)."""
+    """The five runs, and how each lever's run compares with the run before it (gradients, prediction)."""
     resolution = resolution or (512 if model == "sd35m" else 64)
     config = transformer_config(model, num_layers)
     torch.manual_seed(seed)
@@ -196,20 +210,21 @@ def measure(model: str = "tiny_sd35", num_layers: int | None = None, resolution:
     batch = make_batch(config, resolution, text_tokens, seed)
     runs = {}
     bf16 = with_lora(base, seed)
-    runs["bf16, peft's input casts"] = forward_backward(bf16, batch)
+    runs[RUNS[0]] = forward_backward(bf16, batch)
     lora_layers = inputs_left_to_autocast(tuner_layers(bf16))
-    runs["bf16 (training)"] = forward_backward(bf16, batch)
+    runs[RUNS[1]] = forward_backward(bf16, batch)
+    rms_norms = rms_norms_keep_only_input(bf16)
+    runs[RUNS[2]] = forward_backward(bf16, batch)
     del bf16, base
     int8_model = with_lora(int8_model, seed)
     inputs_left_to_autocast(tuner_layers(int8_model))
-    runs["int8, bitsandbytes' autograd"] = forward_backward(int8_model, batch)
+    rms_norms_keep_only_input(int8_model)
+    runs[RUNS[3]] = forward_backward(int8_model, batch)
     int8_layers = int8_layers_keep_no_input(int8_model)
-    runs["int8 (training)"] = forward_backward(int8_model, batch)
-    names = list(runs)
+    runs[RUNS[4]] = forward_backward(int8_model, batch)
     return dict(model=model, config=config, resolution=resolution, text_tokens=text_tokens, runs=runs,
-                lora_layers_left_to_autocast=lora_layers, int8_layers=int8_layers,
-                lora_input_lever=compare(runs[names[0]], runs[names[1]]),
-                int8_lever=compare(runs[names[2]], runs[names[3]]))
+                lora_layers_left_to_autocast=lora_layers, rms_norms=rms_norms, int8_layers=int8_layers,
+                **{lever: compare(runs[before], runs[after]) for lever, (before, after) in LEVERS.items()})
 
 
 def main(argv=None) -> int:
@@ -218,7 +233,7 @@ def main(argv=None) -> int:
     kinds = block_kinds(result["config"])
     print(f"{result['model']}, {len(kinds)} blocks, {result['resolution']} px, {result['text_tokens']} text tokens: "
           f"memory a bf16 training forward pass leaves for backward (MiB; {result['lora_layers_left_to_autocast']} "
-          f"LoRA layers, {result['int8_layers']} int8 layers)")
+          f"LoRA layers, {result['rms_norms']} RMSNorms, {result['int8_layers']} int8 layers)")
     columns = [*range(len(kinds)), OUTSIDE_BLOCKS]
     print(f"| run | {' | '.join(f'block {i} ({kind})' for i, kind in enumerate(kinds))} | outside blocks | total | "
           f"pass (s) |")
@@ -226,10 +241,10 @@ def main(argv=None) -> int:
     for name, run in result["runs"].items():
         cells = " | ".join(f"{run['kept'].get(column, 0) / MIB:.3f}" for column in columns)
         print(f"| {name} | {cells} | {sum(run['kept'].values()) / MIB:.3f} | {run['seconds']:.1f} |")
-    for lever in ("lora_input_lever", "int8_lever"):
+    for lever in LEVERS:
         c = result[lever]
-        print(f"{lever}: LoRA gradients differ by at most {c['max_grad_diff']:.3g} (same set: {c['same_grad_names']}), "
-              f"predictions by {c['max_prediction_diff']:.3g}")
+        print(f"{lever}: LoRA gradients differ by at most {c['max_grad_diff']:.3g} ({c['max_grad_diff_relative']:.2g} "
+              f"of the largest; same set: {c['same_grad_names']}), predictions by {c['max_prediction_diff']:.3g}")
     return 0
 
 

@@ -7,7 +7,6 @@ reads like the paper's Algorithm 1); this module only runs it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -26,6 +25,7 @@ from .args import RunConfig, Schedule, resolve_schedule
 from .checkpoint import checkpoint_step, clear_output_folder, register_state_hooks, save_checkpoint
 from .checks import BadInput, RunFailed
 from .dataset import make_training_data
+from .lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input
 
 logger = logging.getLogger("purecc")
 
@@ -115,49 +115,11 @@ def load_diffusion_parts(args, device, weight_dtype):
         model.requires_grad_(False)
     if args.base_quantization == "int8":
         int8_layers_keep_no_input(transformer)
+    rms_norms_keep_only_input(transformer)
     vae.to(device, dtype=torch.float32)  # the SD3 VAE is unstable in fp16
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return scheduler, vae, transformer
-
-
-class _FrozenInt8Linear(torch.autograd.Function):
-    """A frozen bitsandbytes int8 linear layer whose backward keeps nothing of its input.
-
-    bitsandbytes' own autograd (0.50: MatMul8bitLt on CUDA, MatMul8bitFp on the CPU) keeps every int8 layer's input
-    alive until backward, though with the weight frozen the input's gradient needs only the weight; a frozen bf16
-    linear layer keeps no input (scripts/backward_memory.py measures both). That is one cause of --base_quantization
-    int8 holding more memory than no quantisation on an H200 (1024 px: +2.1 GiB stage 1, +6.8 GiB stage 2). The
-    forward pass is bitsandbytes' own, run without autograd; the backward pass is the input-gradient formula of
-    bitsandbytes' backward: grad @ (CB * SCB / 127)."""
-
-    @staticmethod
-    def forward(ctx, x, layer, int8_forward):
-        ctx.layer, ctx.input_dtype = layer, x.dtype
-        return int8_forward(x)  # autograd is off inside forward: bitsandbytes records and keeps nothing
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        state = ctx.layer.state
-        weight = state.CB.to(ctx.input_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None, None
-
-
-def int8_layers_keep_no_input(model) -> int:
-    """Route every frozen bitsandbytes int8 layer of ``model`` through ``_FrozenInt8Linear``; returns how many.
-    A layer whose weight or bias trains keeps bitsandbytes' autograd (it needs the input for that gradient)."""
-    import bitsandbytes as bnb
-
-    def keeping_no_input(layer, int8_forward, x):
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _FrozenInt8Linear.apply(x, layer, int8_forward)
-        return int8_forward(x)
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)
-              and not any(p.requires_grad for p in m.parameters(recurse=False))]
-    for layer in layers:
-        layer.forward = functools.partial(keeping_no_input, layer, layer.forward)
-    return len(layers)
 
 
 def trainable_to_fp32(*models) -> list[torch.nn.Parameter]:

@@ -40,10 +40,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
+from utils.lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input  # noqa: E402
 from utils.lora import (DEFAULT_TRANSFORMER_TARGETS, add_trainable_lora, inputs_left_to_autocast,  # noqa: E402
                         make_lora_config, tuner_layers)
 from utils.tiny_sd3 import SD35M, _variant_config  # noqa: E402
-from utils.lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input  # noqa: E402
 from utils.training import trainable_to_fp32  # noqa: E402
 
 MIB = 1024 ** 2

@@ -126,6 +126,33 @@ def test_text_encoders_visit_the_device_one_at_a_time(tiny_sd35_path, tmp_path, 
     assert seen == [True]
 
 
+def test_t5_visits_the_device_one_block_at_a_time(tiny_sd35_path):
+    """Each T5 block is moved to the encoding device just before it runs and off it right after, so no two blocks
+    are there at once; the embeddings are bitwise those of the whole encoder."""
+    from utils.prompts import encode_t5, load_text_pipeline, t5_blocks_visiting
+
+    pipe = load_text_pipeline(str(tiny_sd35_path))
+    prompts = ["a photo of sks robot toy", ""]
+    with torch.no_grad():
+        whole = encode_t5(pipe, prompts, torch.device("cpu"), 77)
+    events = []
+    blocks = pipe.text_encoder_3.encoder.block
+    for index, block in enumerate(blocks):
+        def spy_to(*args, index=index, real_to=block.to, **kwargs):
+            events.append((index, "moved"))
+            return real_to(*args, **kwargs)
+
+        def spy_forward(*args, index=index, real_forward=block.forward, **kwargs):
+            events.append((index, "ran"))
+            return real_forward(*args, **kwargs)
+
+        block.to, block.forward = spy_to, spy_forward
+    with torch.no_grad(), t5_blocks_visiting(pipe.text_encoder_3, torch.device("cpu")):
+        streamed = encode_t5(pipe, prompts, torch.device("cpu"), 77)
+    assert len(blocks) >= 2 and events == [(i, e) for i in range(len(blocks)) for e in ("moved", "ran", "moved")]
+    assert torch.equal(whole, streamed)
+
+
 def test_adamw_is_fused():
     from utils.training import make_optimizer
 

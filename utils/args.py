@@ -96,8 +96,8 @@ def add_speed_args(p):
                         "step; the first steps pay the compilation.")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (inductor; aot_eager in tests).")
     p.add_argument("--text_encoder_device", default=None,
-                   help="Device the frozen text encoders encode the prompts on (default: the training device). "
-                        '"cpu" keeps T5-XXL (~9 GB) off the GPU entirely.')
+                   help="Device the frozen text encoders encode the prompts on (default: the training device, "
+                        'which T5-XXL visits one block at a time). "cpu" keeps them off the GPU entirely.')
     p.add_argument("--base_quantization", default="none", choices=["none", "nf4", "int8"],
                    help="Load the frozen transformer quantised with bitsandbytes (QLoRA); the LoRA trains in fp32 on "
                         "top. Needs a CUDA GPU.")

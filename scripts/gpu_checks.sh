@@ -148,8 +148,8 @@ if has levers; then
   # memory holds them): their memory peaks are each process's own, as alone, but their step times are not.
   # (default: what is still unmeasured; the H100 (2026-11-27) measured checkpointing at 1024 and nf4 at 512 px, the
   # H200 (same night, in parallel) nf4 / int8 / cache_latents at 1024, checkpointing / 8-bit Adam / FSDP at 512 and
-  # stage 1 of compile_te_cpu: docs/bench; int8 and no lever at 1024 again: int8 layers keep no input since, and
-  # LoRA inputs are left to autocast)
+  # stage 1 of compile_te_cpu: docs/bench; int8 and no lever at 1024 again, since training keeps less for backward
+  # (README "Memory left for backward") and T5 visits the GPU one block at a time)
   LEVERS=${LEVERS:-"int8:$R2:--base_quantization+int8 none:$R2: compile_te_cpu:$R1:--compile+--text_encoder_device+cpu
 int8:$R1:--base_quantization+int8 cache_latents:$R1:--cache_latents 8bit_adam:$R2:--use_8bit_adam"}
   ensure_model

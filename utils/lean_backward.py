@@ -5,7 +5,8 @@ With the base frozen, backward needs from a layer only what the gradient of its 
 - bitsandbytes' int8 linear layers keep their input (--base_quantization int8);
 - diffusers' RMSNorm (SD3.5's q/k norms) keeps an fp32 copy of its bf16/fp16 input besides the input itself.
 Each is replaced, per module instance, by an autograd function whose forward pass runs the library's own operations
-(the same numbers) and whose backward pass is the input gradient written out.
+(the same numbers) and whose backward pass is the input gradient written out. (The third saving, peft's LoRA-input
+casts, is about the trainable LoRA layers, not the base: utils/lora.inputs_left_to_autocast.)
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ from utils.data import (PLACEHOLDER, fill_placeholder, folder_to_items, list_ins
                         resolve_placeholders, rows_to_items)
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss
-from utils.lora import (CLIP_TARGETS, add_lora, add_trainable_lora, inputs_left_to_autocast, make_lora_config,
-                        transformer_lora_config, tuner_layers)
+from utils.lean_backward import inputs_left_to_autocast
+from utils.lora import (CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config,
+                        tuner_layers)
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.training import (compiled_if, load_diffusion_parts, predict, prepare_training, scaled_learning_rate,

@@ -28,9 +28,10 @@ from utils.concept_token import read_learned_token, register_token
 from utils.data import fill_placeholder, read_concept_csv, resolve_placeholders, rows_to_items
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
-from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, inputs_left_to_autocast,
-                        load_lora_as_adapter, load_text_encoder_loras, lora_format, lora_misfit, switch_adapter,
-                        transformer_lora_config, tuner_layers)
+from utils.lean_backward import inputs_left_to_autocast
+from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
+                        load_text_encoder_loras, lora_format, lora_misfit, switch_adapter, transformer_lora_config,
+                        tuner_layers)
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.purecc_loss import clamped_fractions, extractor_delta, purecc_lambda, purecc_loss

@@ -9,7 +9,7 @@ read; views counted once), per transformer block, and the LoRA gradients of the 
 weights and batch, each adding one lever to the run before it:
 - bf16, as peft and diffusers compute it: peft casts each LoRA layer's input to fp32 and autocast casts it back;
   diffusers' RMSNorm keeps an fp32 copy of its input;
-- + LoRA inputs left to autocast (``utils.lora.inputs_left_to_autocast``);
+- + LoRA inputs left to autocast (``utils.lean_backward.inputs_left_to_autocast``);
 - + RMSNorm keeping only its input (``utils.lean_backward.rms_norms_keep_only_input``): what bf16 training runs;
 - int8, bitsandbytes' autograd: the same, with every linear layer of the blocks a bitsandbytes ``Linear8bitLt`` as
   ``--base_quantization int8`` loads it (threshold 6.0, the BitsAndBytesConfig default);
@@ -40,9 +40,9 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from diffusers import SD3Transformer2DModel  # noqa: E402
 
-from utils.lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input  # noqa: E402
-from utils.lora import (DEFAULT_TRANSFORMER_TARGETS, add_trainable_lora, inputs_left_to_autocast,  # noqa: E402
-                        make_lora_config, tuner_layers)
+from utils.lean_backward import (inputs_left_to_autocast, int8_layers_keep_no_input,  # noqa: E402
+                                 rms_norms_keep_only_input)
+from utils.lora import DEFAULT_TRANSFORMER_TARGETS, add_trainable_lora, make_lora_config, tuner_layers  # noqa: E402
 from utils.tiny_sd3 import SD35M, _variant_config  # noqa: E402
 from utils.training import trainable_to_fp32  # noqa: E402
 

@@ -11,7 +11,6 @@ Formats (the two do not interoperate by themselves):
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import warnings
@@ -119,30 +118,6 @@ def switch_adapter(layers: list, adapter_name: str) -> None:
     evidence.sh took 14.6 minutes instead of 15.4."""
     for layer in layers:
         layer._active_adapter = [adapter_name]
-
-
-def inputs_left_to_autocast(layers: list) -> int:
-    """Under autocast, let each LoRA layer's matmuls cast its input (``tuner_layers``); returns how many layers.
-
-    peft casts a LoRA layer's input to its weights' dtype, fp32 here (``trainable_to_fp32``), and autocast casts it
-    straight back to bf16 for the matmul: an exact round trip, since fp32 holds every bf16/fp16 value. It costs two
-    casts per LoRA layer and pass, forward and backward, and one bf16 copy of the input per LoRA layer kept for the
-    LoRA's gradient, where the layers that share an input (to_q, to_k, to_v) could share it. Without autocast
-    (validation, inference) peft's cast is kept: a bf16 input cannot meet fp32 weights in a matmul there. A layer with
-    LoRA dropout or a LoRA variant (DoRA) keeps peft's cast too: those compute on the cast input itself."""
-    changed = 0
-    for layer in layers:
-        plain = all(isinstance(d, torch.nn.Identity) for d in layer.lora_dropout.values())
-        if plain and not getattr(layer, "lora_variant", None):
-            layer._cast_input_dtype = functools.partial(_cast_unless_autocast, layer._cast_input_dtype)
-            changed += 1
-    return changed
-
-
-def _cast_unless_autocast(peft_cast, x, dtype):
-    if x is not None and torch.is_autocast_enabled(x.device.type):
-        return x
-    return peft_cast(x, dtype)
 
 
 class adapters_disabled:

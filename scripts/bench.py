@@ -10,15 +10,15 @@ scripts (their ``main``, run in this process one after the other, with --extra a
 their release's structure written out here for comparison: two transformer copies (trainable + reference), the
 three text encoders kept on the device and run on the batch's prompts every step.
 
-For each design it prints and writes (--json): the median step time after --warmup steps; from torch.profiler on one
-step, the aten operators dispatched, (CUDA) the device time of its kernels, whose ratio to the step time says how
-GPU-bound the step is, and where the host's time goes (the step function, within it the VAE latents and the
-transformer passes, backward, clipping, the optimizer step, waits for the device); text-encoder passes per step; the
-training-phase peak (after prompt encoding) and the process peak of memory (CUDA: max_memory_allocated; CPU: peak
-resident set); each step's loss. Without stage1 in --designs, stage 1 runs one eager step to make stage 2's
-extractor and is not measured. --inductor_cudagraphs is an experiment: inductor's CUDA graphs over what --compile
-compiles. With --infer: the time of one image from the base model, the stage-2 LoRA unfused, and the LoRA fused
-(infer.py's default), and how far the fused image is from the unfused one.
+For each design it prints and writes (--json): the median step time after --warmup steps; the first step's time (with
+--compile: mostly compilation); from torch.profiler on one step, the aten operators dispatched, (CUDA) the device
+time of its kernels, whose ratio to the step time says how GPU-bound the step is, and where the host's time goes (the
+step function, within it the VAE latents and the transformer passes, backward, clipping, the optimizer step, waits
+for the device); text-encoder passes per step; the training-phase peak (after prompt encoding) and the process peak
+of memory (CUDA: max_memory_allocated; CPU: peak resident set); each step's loss. Without stage1 in --designs, stage
+1 runs one eager step to make stage 2's extractor and is not measured. --inductor_cudagraphs is an experiment:
+inductor's CUDA graphs over what --compile compiles. With --infer: the time of one image from the base model, the
+stage-2 LoRA unfused, and the LoRA fused (infer.py's default), and how far the fused image is from the unfused one.
 """
 
 from __future__ import annotations
@@ -221,7 +221,8 @@ class StepMeter:
         timed = self.times[self.warmup:]
         median = statistics.median(timed)
         training_peak = peak_gib()
-        return {"median_step_s": median, "aten_ops_per_step": self.aten, "cuda_kernels_per_step": self.kernels,
+        return {"median_step_s": median, "first_step_s": self.times[0], "aten_ops_per_step": self.aten,
+                "cuda_kernels_per_step": self.kernels,
                 "device_ms_per_step": self.device_ms if torch.cuda.is_available() else None,
                 "wall_over_device": median * 1000 / self.device_ms if torch.cuda.is_available() and self.device_ms
                 else None,
@@ -343,8 +344,8 @@ def authors_design(model: str, resolution: int, warmup: int, steps: int, extract
     peak = peak_gib()
     del pipe, reference, transformer, optimizer
     gc.collect()
-    return {"median_step_s": median, "aten_ops_per_step": aten, "cuda_kernels_per_step": kernels,
-            "device_ms_per_step": device_ms if torch.cuda.is_available() else None,
+    return {"median_step_s": median, "first_step_s": times[0], "aten_ops_per_step": aten,
+            "cuda_kernels_per_step": kernels, "device_ms_per_step": device_ms if torch.cuda.is_available() else None,
             "wall_over_device": median * 1000 / device_ms if torch.cuda.is_available() and device_ms else None,
             "text_encoder_passes_per_step": passes_per_step, "training_peak_gib": peak,
             "process_peak_gib": max(peak, encoding_peak), "steps_timed": steps, "host_ms_of_profiled_step": host_ms}
@@ -417,7 +418,8 @@ def without_compile(flags: list) -> list:
 def announce(name: str, result: dict) -> dict:
     """Print one design's figures as soon as they are measured (a run cut short by a time limit keeps them)."""
     host = ", ".join(f"{part} {ms:.1f}" for part, ms in (result["host_ms_of_profiled_step"] or {}).items())
-    print(f"[bench] {name}: median step {result['median_step_s']:.3f} s, device {result['device_ms_per_step']} ms, "
+    print(f"[bench] {name}: median step {result['median_step_s']:.3f} s, first step {result['first_step_s']:.1f} s, "
+          f"device {result['device_ms_per_step']} ms, "
           f"aten ops {result['aten_ops_per_step']}, peaks {result['training_peak_gib']:.2f} / "
           f"{result['process_peak_gib']:.2f} GiB; losses {result.get('losses')}; host ms of the profiled step: {host}",
           flush=True)

@@ -281,6 +281,7 @@ def test_bench_reports_every_design(tmp_path, capsys):
     assert list(designs) == ["stage1", "stage2", "authors (release)"]
     for values in designs.values():
         assert values["median_step_s"] > 0 and values["aten_ops_per_step"] > 100 and values["steps_timed"] == 2
+        assert values["first_step_s"] > 0
         assert values["process_peak_gib"] >= values["training_peak_gib"] > 0
     # prompts are encoded once in both stages; the release runs the 3 encoders on 3 prompt sets every step
     assert designs["stage1"]["text_encoder_passes_per_step"] == designs["stage2"]["text_encoder_passes_per_step"] == 0

@@ -116,5 +116,6 @@ def test_bad_stage2_flag_is_one_line_before_anything_trains(tmp_path, script_run
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--eta" in errors[0], result.stderr
+    assert result.stderr.splitlines() == errors  # nothing else: no library noise at import of either script
     assert "Traceback" not in result.stderr and "training" not in result.stdout
     assert not (tmp_path / "output" / "base_ckpt").exists()

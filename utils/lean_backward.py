@@ -10,7 +10,8 @@ Each layer changes per module instance, never a library class: its class becomes
 one method overridden (``_one_method_overridden``). The subclass is made once per library class, so every block
 of the transformer still has the same types, and torch.compile reuses one compiled block for all blocks of a kind.
 (A per-instance function is a different Python object in every block: torch.compile guarded on it and compiled each
-block on its own, 72 versions of the block forward for SD3.5 Medium's 24 blocks in stage 2 where 9 do.)
+block on its own. On a tiny model with SD3.5 Medium's 24-block layout, stage 2 made 64 versions of the block forward
+where 11 do, and its first step took 5x as long.)
 """
 
 from __future__ import annotations

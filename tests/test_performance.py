@@ -42,8 +42,8 @@ def deeper_copy(model, out, num_layers: int):
             (out / part.name).symlink_to(part)
     config = json.loads((model / "transformer" / "config.json").read_text())
     config = {key: value for key, value in config.items() if not key.startswith("_")}
-    torch.manual_seed(0)
     config.update(num_layers=num_layers, dual_attention_layers=tuple(range(num_layers - 1)))
+    torch.manual_seed(0)
     SD3Transformer2DModel(**config).save_pretrained(out / "transformer")
     return out
 
@@ -77,6 +77,7 @@ def test_compile_gives_the_same_losses_and_a_bounded_number_of_graphs(tiny_sd35_
     try:
         compiled = stage2(model, tmp_path / "compiled", *flags, "--compile", "--compile_backend", "aot_eager",
                           steps=4)
+        # dynamo's cache of compiled versions of the block forward, one entry per version, over all blocks
         block_versions = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(JointTransformerBlock.forward.__code__)
     finally:
         utils.training.accumulate_batch = real_accumulate

@@ -24,9 +24,7 @@ from utils.data import (PLACEHOLDER, fill_placeholder, folder_to_items, list_ins
                         resolve_placeholders, rows_to_items)
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss
-from utils.lean_backward import inputs_left_to_autocast
-from utils.lora import (CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config,
-                        tuner_layers)
+from utils.lora import CLIP_TARGETS, add_lora, add_trainable_lora, make_lora_config, transformer_lora_config
 from utils.outputs import TrainedWeights, finish_run, make_validator
 from utils.prompts import PromptEncoder, load_text_pipeline, run_prompts
 from utils.training import (compiled_if, load_diffusion_parts, predict, prepare_training, scaled_learning_rate,
@@ -134,7 +132,6 @@ def main(argv=None):
     # Model: frozen base + one trainable LoRA (+ CLIP LoRAs with --train_text_encoder, + the token's rows).
     noise_scheduler, vae, transformer = load_diffusion_parts(args, device, weight_dtype)
     add_trainable_lora(transformer, transformer_lora_config(args), ADAPTER, seed=args.seed)
-    inputs_left_to_autocast(tuner_layers(transformer))
     lora_parts = {"transformer": (transformer, ADAPTER)}
     param_groups = [{"params": trainable_to_fp32(transformer), "lr": scaled_learning_rate(args, accelerator)}]
     if args.train_text_encoder:

@@ -28,7 +28,6 @@ from utils.concept_token import read_learned_token, register_token
 from utils.data import fill_placeholder, read_concept_csv, resolve_placeholders, rows_to_items
 from utils.dataset import batch_latents, class_group, ensure_class_images
 from utils.flow_matching import add_noise, flow_matching_loss, flow_target, prediction_space
-from utils.lean_backward import inputs_left_to_autocast
 from utils.lora import (activate_adapter, adapters_disabled, add_trainable_lora, load_lora_as_adapter,
                         load_text_encoder_loras, lora_format, lora_misfit, switch_adapter, transformer_lora_config,
                         tuner_layers)
@@ -183,7 +182,6 @@ def main(argv=None):
                                "purecc-stage2")
     precondition = bool(args.precondition_outputs)
     lora_layers = tuner_layers(transformer)  # every adapter is on the transformer by now
-    inputs_left_to_autocast(lora_layers)
     lambda_of, loss_of = compiled_if(args, purecc_lambda), compiled_if(args, purecc_loss)
     prior_of = compiled_if(args, flow_matching_loss)
 

@@ -116,16 +116,18 @@ def test_stage2_bf16_losses_with_and_without_the_bf16_levers(tiny_sd35_path, ext
     with peft's casts, to the last bit. Its RMSNorms keep only their input: the first loss is bitwise that of
     diffusers' RMSNorm (same forward), the later ones (after updates from gradients that differ by bf16 rounding)
     within 0.1% (1e-6 measured)."""
-    import train_stage2_v2_sd3
-
     import utils.training
 
     from accelerate.state import AcceleratorState
 
     flags = ["--stage1_output_dir", extractors[0], "--mixed_precision", "bf16"]
     without_casts = stage2(tiny_sd35_path, tmp_path / "without", *flags, steps=3)
+    from utils.lean_backward import _InputLeftToAutocast
+    from utils.lora import tuner_layers
+
+    assert all(isinstance(layer, _InputLeftToAutocast) for layer in tuner_layers(without_casts.transformer))
     AcceleratorState._reset_state(reset_partial_state=True)
-    monkeypatch.setattr(train_stage2_v2_sd3, "inputs_left_to_autocast", lambda layers: 0)  # peft's casts kept
+    monkeypatch.setattr(utils.training, "inputs_left_to_autocast", lambda layers: 0)  # peft's casts kept
     with_casts = stage2(tiny_sd35_path, tmp_path / "with", *flags, steps=3)
     assert len(with_casts.history) == 3
     for a, b in zip(with_casts.history, without_casts.history):

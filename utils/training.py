@@ -25,7 +25,8 @@ from .args import RunConfig, Schedule, resolve_schedule
 from .checkpoint import checkpoint_step, clear_output_folder, register_state_hooks, save_checkpoint
 from .checks import BadInput, RunFailed
 from .dataset import make_training_data
-from .lean_backward import int8_layers_keep_no_input, rms_norms_keep_only_input
+from .lean_backward import inputs_left_to_autocast, int8_layers_keep_no_input, rms_norms_keep_only_input
+from .lora import tuner_layers
 
 logger = logging.getLogger("purecc")
 
@@ -226,9 +227,10 @@ class Trainer:
 
 def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: list, items, class_items, vae,
                      tracker_name: str) -> Trainer:
-    """Data, optimizer, schedule and LR schedule, ``accelerator.prepare``, the checkpoint hooks (only what the run
-    trains, ``trained``: utils.outputs.TrainedWeights), the resume and the trackers: the setup both stages share
-    between building their models and their first step.
+    """Data, optimizer, schedule and LR schedule, the LoRA layers' inputs left to autocast, ``--compile``,
+    ``accelerator.prepare``, the checkpoint hooks (only what the run trains, ``trained``:
+    utils.outputs.TrainedWeights), the resume and the trackers: the setup both stages share between building their
+    models and their first step.
 
     Only the transformer is prepared (wrapped for DDP): the text side (CLIP LoRAs, the concept token) runs inside
     the pipeline's own encoders, so its few gradients are averaged over processes by hand (``sync_outside_grads``)."""
@@ -237,6 +239,7 @@ def prepare_training(args, run: RunConfig, accelerator, trained, param_groups: l
     optimizer = make_optimizer(args, param_groups)
     lr_scheduler = make_lr_scheduler(args, optimizer, schedule, accelerator.num_processes)
     transformer = trained.lora_parts["transformer"][0]
+    inputs_left_to_autocast(tuner_layers(transformer))  # every adapter of the run is on the transformer by now
     if args.compile:
         compile_regions(transformer, args.compile_backend)
         compile_vae_encoder(vae, args.compile_backend)

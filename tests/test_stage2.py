@@ -142,11 +142,13 @@ def test_switching_adapters_keeps_the_trainable_lora_trainable():
     from peft import LoraConfig, inject_adapter_in_model
 
     from utils.lora import activate_adapter, switch_adapter
+    from utils.quiet import several_adapters_on_purpose
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["0", "1"])
-    for name in ("extractor", "purecc"):
-        inject_adapter_in_model(config, model, name)
+    with several_adapters_on_purpose():
+        for name in ("extractor", "purecc"):
+            inject_adapter_in_model(config, model, name)
     with torch.no_grad():  # non-zero B: every adapter changes the output
         for name, param in model.named_parameters():
             if "lora_B" in name:

@@ -13,7 +13,7 @@ from .checks import BadInput, require
 from .concept_token import LearnedToken, read_learned_token, register_token
 from .data import NUMBERED_PLACEHOLDER
 from .lora import DIFFUSERS_WEIGHT_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHT_NAME, load_lora_as_adapter, lora_format, lora_misfit
-from .quiet import dropped_log_messages
+from .quiet import dropped_log_messages, several_adapters_on_purpose
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -79,7 +79,8 @@ def load_lora(pipe, lora_dir, name: str) -> None:
     if lora_format(lora_dir) == "diffusers":
         # weight_name explicit: offline diffusers does not guess it; alpha comes from the metadata. Text-encoder
         # LoRAs (stage 1 --train_text_encoder) load too; their absence is normal, not worth a warning.
-        with dropped_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"):
+        with dropped_log_messages("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"), \
+                several_adapters_on_purpose():
             pipe.load_lora_weights(str(lora_dir), weight_name=DIFFUSERS_WEIGHT_NAME, adapter_name=name)
     else:  # PEFT folder: transformer only, as PeftModel.from_pretrained would load it
         load_lora_as_adapter(pipe.transformer, lora_dir, name, trainable=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
+
+from .quiet import several_adapters_on_purpose
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -72,9 +73,7 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, adapter_name: str) -> N
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         inject_adapter_in_model(config, model, adapter_name)
         return
-    with warnings.catch_warnings():
-        # a second named adapter is this project's design (stage 2's extractor, composed LoRAs), not a mistake
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+    with several_adapters_on_purpose():
         model.add_adapter(config, adapter_name=adapter_name)
 
 

@@ -8,8 +8,8 @@
 
 diffusers' "No LoRA keys associated to CLIPTextModel" is dropped only while a LoRA without CLIP parts loads
 (utils/generation.load_lora: its absence is normal). PEFT's "Already found a `peft_config` attribute ...
-multiple adapters" is silenced where this project adds its second adapter on purpose (utils/lora.add_lora), not
-here.
+multiple adapters" is dropped only while this project adds a named adapter (``several_adapters_on_purpose``):
+stage 2's extractor beside the trainable LoRA, and the LoRAs that infer.py composes and eval.py compares.
 
 The project's own warnings (a skipped file, an ignored flag, an unfinished extractor) print as one line,
 ``warning: ...``, instead of Python's two-line file:line form; every other warning keeps its usual form.
@@ -44,6 +44,15 @@ def dropped_log_messages(logger_name: str, fragment: str):
         yield
     finally:
         logger.removeFilter(drop)
+
+
+@contextmanager
+def several_adapters_on_purpose():
+    """Drop PEFT's warning that a model which already has an adapter gets another ("Make sure to know what you are
+    doing!") while the block runs: several named adapters on one model are this project's design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
 
 
 _default_format = warnings.formatwarning

@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
+import utils  # noqa: F401  before diffusers: utils/quiet.py silences known-harmless library messages
+from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from utils import toy_world
 from utils.checks import check_model_folder, check_resolution, exit_on_error, require
 from utils.data import read_concept_csv

@@ -38,8 +38,8 @@ from torch.utils._pytree import tree_leaves
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import utils  # noqa: E402,F401  before diffusers: utils/quiet.py silences known-harmless library messages
 from diffusers import SD3Transformer2DModel  # noqa: E402
-
 from utils.lean_backward import (inputs_left_to_autocast, int8_layers_keep_no_input,  # noqa: E402
                                  rms_norms_keep_only_input)
 from utils.lora import DEFAULT_TRANSFORMER_TARGETS, add_trainable_lora, make_lora_config, tuner_layers  # noqa: E402

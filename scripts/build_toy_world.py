@@ -49,12 +49,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from safetensors.torch import load_file, save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import utils  # noqa: E402,F401  before diffusers: utils/quiet.py silences known-harmless library messages
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,  # noqa: E402
+                       StableDiffusion3Pipeline)
 from utils import toy_world as world  # noqa: E402
 from utils.flow_matching import noisy_latents, sample_timesteps, velocity_target  # noqa: E402
 from utils.tiny_sd3 import write_model_index, write_text_encoders  # noqa: E402

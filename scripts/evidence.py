@@ -39,12 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
+import utils  # noqa: E402,F401  before diffusers: utils/quiet.py silences known-harmless library messages
+from diffusers import StableDiffusion3Pipeline  # noqa: E402
 import build_toy_world  # noqa: E402
 import train_stage1_sd3 as stage1  # noqa: E402
 import train_stage2_v2_sd3 as stage2  # noqa: E402

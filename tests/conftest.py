@@ -89,7 +89,7 @@ def concept_run(tiny_sd35_path, tmp_path_factory) -> dict:
                         hf_home=root / "hf")
     assert result.returncode == 0, f"run_concept.sh failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
     out = root / "output"
-    return dict(root=root, out=out, env=env, stdout=result.stdout, model=tiny_sd35_path,
+    return dict(root=root, out=out, env=env, stdout=result.stdout, stderr=result.stderr, model=tiny_sd35_path,
                 stage1=out / "base_ckpt" / "robot_toy", stage2=out / "robot_toy", samples=out / "robot_toy" / "samples")
 
 

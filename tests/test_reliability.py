@@ -3,6 +3,7 @@ rotation edge cases, non-finite losses, reused output folders, image modes, file
 
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import re
@@ -332,6 +333,28 @@ def test_no_known_harmless_noise_but_real_warnings_stay(tiny_sd35_path, extracto
         train_stage1_sd3.parse_args(["--help"])
     printed = capsys.readouterr()
     assert stop.value.code == 0 and printed.out.startswith("usage:") and printed.err == "", printed.err
+
+
+def test_every_script_imports_utils_before_the_model_libraries():
+    """Importing utils installs the filters of known-harmless library messages (utils/quiet.py). A library that
+    prints while it is imported, before they exist, reaches the user (transformers' torchvision notice did, through
+    infer.py). So every script a user runs imports the project (utils, or a script that imports it first) before
+    diffusers, transformers or peft."""
+    scripts = [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]
+    project = {"utils", *(path.stem for path in scripts)}
+    late = []
+    for path in scripts:
+        roots = []
+        for node in ast.parse(path.read_text()).body:  # the module's own top-level imports, in order
+            if isinstance(node, ast.Import):
+                roots += [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots.append(node.module.split(".")[0])
+        libraries = [i for i, root in enumerate(roots) if root in ("diffusers", "transformers", "peft")]
+        ours = [i for i, root in enumerate(roots) if root in project]
+        if libraries and (not ours or ours[0] > libraries[0]):
+            late.append(path.name)
+    assert not late, late
 
 
 def test_the_project_stands_alone():

@@ -38,6 +38,15 @@ def test_run_writes_both_loras_and_samples(concept_run):
     assert "stage 1: training" in concept_run["stdout"] and "stage 2: training" in concept_run["stdout"]
 
 
+def test_the_chain_prints_none_of_the_known_harmless_library_messages(concept_run):
+    """Stage 1, stage 2 and infer.py each start an interpreter of their own here; none of them prints a message
+    that utils/quiet.py drops (infer.py printed transformers' torchvision notice while it imported diffusers
+    before utils)."""
+    for fragment in ("requires torchvision (not installed)", "should be kept in float32: []",
+                     "Already found a `peft_config` attribute"):
+        assert fragment not in concept_run["stderr"], fragment
+
+
 def test_samples_substitute_the_instance_word(concept_run):
     samples = concept_run["samples"]
     prompts = (samples / "prompts.txt").read_text().splitlines()

@@ -1,4 +1,4 @@
-"""The paper's evaluation (Table 1): concept fidelity and capability / behaviour preservation of trained LoRAs,
+r"""The paper's evaluation (Table 1): concept fidelity and capability / behaviour preservation of trained LoRAs,
 measured on images each model generates, against the same base model with the same seeds.
 
     python eval.py --pretrained_model_name_or_path SD3.5 --data_path data --csv_name robot_toy.csv \

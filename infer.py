@@ -1,4 +1,4 @@
-"""Render images with PureCC LoRAs (either stage) on Stable Diffusion 3 / 3.5, optionally beside the base model.
+r"""Render images with PureCC LoRAs (either stage) on Stable Diffusion 3 / 3.5, optionally beside the base model.
 
     python infer.py --pretrained_model_name_or_path SD3.5 --lora output/robot_toy \
         --prompt "a photo of [v] on the moon" --base_prompt "a photo of a robot toy on the moon" \

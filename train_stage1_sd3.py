@@ -1,4 +1,4 @@
-"""PureCC stage 1: a DreamBooth LoRA on the concept images, the *representation extractor* (docs/method.md section 2).
+r"""PureCC stage 1: a DreamBooth LoRA on the concept images, the *representation extractor* (docs/method.md section 2).
 
 Follows the diffusers DreamBooth-LoRA-SD3 recipe and accepts its flags and the authors' release's (their stage-1
 commands run verbatim). Input is either an instance folder + one --instance_prompt, or the concept CSV (--data_path

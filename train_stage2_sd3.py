@@ -1,4 +1,4 @@
-"""The name the authors' current release gives stage 2 (lzc-sg/PureCC, ``train_stage2_sd3.py``): the same script as
+r"""The name the authors' current release gives stage 2 (lzc-sg/PureCC, ``train_stage2_sd3.py``): the same script as
 train_stage2_v2_sd3.py, so the release's commands run here as they are written.
 
     accelerate launch train_stage2_sd3.py --pretrained_model_name_or_path SD3.5 --data_path data \

@@ -1,4 +1,4 @@
-"""PureCC stage 2: pure learning. A new LoRA trained with flow matching plus the eta-weighted PureCC loss, guided by
+r"""PureCC stage 2: pure learning. A new LoRA trained with flow matching plus the eta-weighted PureCC loss, guided by
 the frozen representation extractor E = base model + stage-1 LoRA (docs/method.md section 4, paper Eqs. 10-15).
 
 One copy of the base transformer serves every branch: the trainable LoRA ("purecc") and the frozen extractor LoRA

@@ -357,6 +357,16 @@ def test_every_script_imports_utils_before_the_model_libraries():
     assert not late, late
 
 
+def test_help_prints_the_example_commands_as_written():
+    """--help prints each script's docstring: its example commands must keep their continuation backslashes and line
+    breaks (a docstring that is not raw turns "\\" + newline into nothing, joining the lines with runs of spaces)."""
+    joined = []
+    for path in [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]:
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        joined += [f"{path.name}: {line.strip()[:60]}" for line in doc.splitlines() if re.search(r"\S {4,}--", line)]
+    assert not joined, joined
+
+
 def test_the_project_stands_alone():
     """Documentation and code point to the project's own docs/, never to files a user does not have (nothing
     outside the repository, no notes that were never part of it)."""

@@ -39,7 +39,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import utils  # noqa: F401  before diffusers: utils/quiet.py silences known-harmless library messages
-from diffusers import StableDiffusion3Pipeline  # noqa: E402
+from diffusers import StableDiffusion3Pipeline  # after utils: see the line above
 from utils import toy_world
 from utils.checks import check_model_folder, check_resolution, exit_on_error, require
 from utils.data import read_concept_csv

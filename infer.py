@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import utils  # noqa: F401  before diffusers: utils/quiet.py silences known-harmless library messages
-from diffusers import StableDiffusion3Pipeline  # noqa: E402
+from diffusers import StableDiffusion3Pipeline  # after utils: see the line above
 from utils.checks import check_model_folder, exit_on_error, require
 from utils.data import read_prompt_rows
 from utils.generation import (DTYPES, adapter_name, adapters_off, add_loras, check_lora_folders, fill_placeholders,

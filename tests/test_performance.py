@@ -119,12 +119,11 @@ def test_stage2_bf16_losses_with_and_without_the_bf16_levers(tiny_sd35_path, ext
     import utils.training
 
     from accelerate.state import AcceleratorState
-
-    flags = ["--stage1_output_dir", extractors[0], "--mixed_precision", "bf16"]
-    without_casts = stage2(tiny_sd35_path, tmp_path / "without", *flags, steps=3)
     from utils.lean_backward import _InputLeftToAutocast
     from utils.lora import tuner_layers
 
+    flags = ["--stage1_output_dir", extractors[0], "--mixed_precision", "bf16"]
+    without_casts = stage2(tiny_sd35_path, tmp_path / "without", *flags, steps=3)
     assert all(isinstance(layer, _InputLeftToAutocast) for layer in tuner_layers(without_casts.transformer))
     AcceleratorState._reset_state(reset_partial_state=True)
     monkeypatch.setattr(utils.training, "inputs_left_to_autocast", lambda layers: 0)  # peft's casts kept

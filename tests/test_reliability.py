@@ -335,15 +335,18 @@ def test_no_known_harmless_noise_but_real_warnings_stay(tiny_sd35_path, extracto
     assert stop.value.code == 0 and printed.out.startswith("usage:") and printed.err == "", printed.err
 
 
+# the Python scripts a user runs: the training scripts, infer.py, eval.py and those of scripts/
+USER_SCRIPTS = [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]
+
+
 def test_every_script_imports_utils_before_the_model_libraries():
     """Importing utils installs the filters of known-harmless library messages (utils/quiet.py). A library that
     prints while it is imported, before they exist, reaches the user (transformers' torchvision notice did, through
     infer.py). So every script a user runs imports the project (utils, or a script that imports it first) before
     diffusers, transformers or peft."""
-    scripts = [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]
-    project = {"utils", *(path.stem for path in scripts)}
+    project = {"utils", *(path.stem for path in USER_SCRIPTS)}
     late = []
-    for path in scripts:
+    for path in USER_SCRIPTS:
         roots = []
         for node in ast.parse(path.read_text()).body:  # the module's own top-level imports, in order
             if isinstance(node, ast.Import):
@@ -361,7 +364,7 @@ def test_help_prints_the_example_commands_as_written():
     """--help prints each script's docstring: its example commands must keep their continuation backslashes and line
     breaks (a docstring that is not raw turns "\\" + newline into nothing, joining the lines with runs of spaces)."""
     joined = []
-    for path in [*REPO_ROOT.glob("*.py"), *(REPO_ROOT / "scripts").glob("*.py")]:
+    for path in USER_SCRIPTS:
         doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
         joined += [f"{path.name}: {line.strip()[:60]}" for line in doc.splitlines() if re.search(r"\S {4,}--", line)]
     assert not joined, joined

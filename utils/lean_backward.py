@@ -52,7 +52,7 @@ class _FrozenInt8Linear(torch.autograd.Function):
     def backward(ctx, grad_output):
         state = ctx.layer.state
         weight = state.CB.to(ctx.input_dtype, copy=True).mul_(state.SCB.unsqueeze(1).mul(1.0 / 127.0))
-        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None, None
+        return torch.matmul(grad_output.to(ctx.input_dtype), weight), None  # (x, layer): no gradient for the layer
 
 
 class _Int8KeepingNoInput:
